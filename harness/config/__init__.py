@@ -1,0 +1,1 @@
+"""Experiment files: loading, includes, overrides and validation."""

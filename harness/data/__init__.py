@@ -1,0 +1,1 @@
+"""Datasets, class-incremental splits and on-device augmentation."""

@@ -1,0 +1,163 @@
+"""Running an experiment: every arm on the same split, each its own tracked run under one parent run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+
+from harness.config.experiment import ArmRecipe, Experiment
+from harness.data.datasets import DATASETS, load_dataset
+from harness.data.split import Split, class_order, make_split
+from harness.engine.progress import Progress
+from harness.engine.trainer import ArmResult, ArmTrainer, load_checkpoint, resolve_device
+from harness.metrics import seen_accuracy
+from harness.tracking import Run, Tracker
+from harness.tracking.plots import accuracy_curves, matrix_heatmap
+
+TABLE_COLUMNS = ["task0_acc", "cil_acc", "cil_avg_incremental", "til_acc", "til_avg_incremental", "cil_bwt",
+                 "til_bwt", "cil_forgetting", "nme_cil_acc", "wall_seconds"]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def build_split(experiment: Experiment) -> Split:
+    """Load the classes the tasks use and cut the split every arm shares."""
+    spec = experiment.split
+    order = class_order(spec.class_order, DATASETS[spec.dataset].num_classes)
+    used = order[: spec.offsets[-1]]
+    dataset = load_dataset(spec.dataset, spec.data_root, used)
+    return make_split(dataset, used, spec.offsets, val_fraction=spec.val_fraction, seed=spec.seed)
+
+
+def split_params(experiment: Experiment, split: Split) -> dict[str, Any]:
+    spec = dataclasses.asdict(experiment.split)
+    spec["data_root"] = str(spec["data_root"]) if spec["data_root"] else None
+    spec["class_order_resolved"] = split.order
+    spec["hash"] = split.digest
+    return spec
+
+
+def plan(experiment: Experiment, split: Split) -> str:
+    """What a run would do: each task's classes and, per arm, steps per epoch."""
+    lines = [f"split {split.digest}: {split.dataset.name}, {split.num_tasks} tasks, {split.num_classes} classes"]
+    for t, task in enumerate(split.tasks):
+        lines.append(f"  task {t}: classes {split.task_classes(t)} ({len(task.train)} train, {len(task.val)} val, "
+                     f"{len(task.test)} test)")
+    for arm in experiment.arms:
+        steps = [-(-_train_count(arm, split, t) // arm.batch_size) for t in range(split.num_tasks)]
+        epochs = [arm.init_epoch] + [arm.epoch] * (split.num_tasks - 1)
+        lines.append(f"arm {arm.name} ({arm.method.name}, {arm.backbone.name}): steps/epoch per task {steps}, "
+                     f"epochs per task {epochs}, {sum(s * e for s, e in zip(steps, epochs, strict=True))} steps")
+    return "\n".join(lines)
+
+
+def _train_count(arm: ArmRecipe, split: Split, task: int) -> int:
+    tasks = range(task + 1) if arm.method.name == "joint" else [task]
+    return sum(len(split.tasks[k].train) for k in tasks)
+
+
+@dataclass
+class ArmOutcome:
+    arm: str
+    method: str
+    run_id: str | None
+    summary: dict[str, float]
+    cil_curve: list[float]
+
+
+def _log_artifacts(run: Run, arm: ArmRecipe, result: ArmResult, folder: Path) -> None:
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(arm.to_dict(), sort_keys=False))
+    matrix = folder / "accuracy_matrix.json"
+    matrix.write_text(json.dumps({name: R.tolist() for name, R in result.matrices.items()}))
+    heat = matrix_heatmap({k: result.matrices[k] for k in ("cil", "til")}, f"{arm.name}: accuracy matrix",
+                          folder / "accuracy_matrix.png")
+    curves = {name: seen_accuracy(R, result.sizes) for name, R in result.matrices.items() if not name.endswith("til")}
+    curve = accuracy_curves(curves, f"{arm.name}: accuracy after each task", folder / "accuracy_curve.png")
+    for path in (recipe, matrix, heat, curve):
+        run.log_artifact(path)
+
+
+def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
+            progress: Progress, *, resume_run: Run | None = None) -> ArmOutcome:
+    """Train one arm into its own run (a fresh one, or ``resume_run`` continued from its checkpoint)."""
+    device = resolve_device(arm.engine.device)
+    tags = {"arm": arm.name, "method": arm.method.name, "device": _device_name(device), "git_commit": git_commit(),
+            "split_hash": split.digest, "experiment": experiment.name}
+    if resume_run is None:
+        run = tracker.start(arm.name, tags, parent=parent)
+        run.log_params({"split": split_params(experiment, split), **arm.to_dict()})
+    else:
+        run = resume_run
+        tracker.reopen(run.run_id)
+        run.set_tags({**tags, "resumed": "true"})
+    checkpoints = run.local_dir() / "checkpoints"
+    run.set_tags({"resume_hint": f"python -m harness.run --resume {parent.run_id}", "checkpoint_dir": str(checkpoints)})
+    with tempfile.TemporaryDirectory() as tmp:
+        log_path = Path(tmp) / "arm.log"
+        with open(log_path, "a") as log:
+            progress.log = log
+            trainer = ArmTrainer(arm, split, run, progress, checkpoint_dir=checkpoints)
+            checkpoint = load_checkpoint(checkpoints) if resume_run is not None else None
+            try:
+                result = trainer.fit(checkpoint)
+            except BaseException as exc:
+                progress.note(f"{arm.name}: stopped: {exc}")
+                log.close()
+                run.log_artifact(log_path)
+                run.end("KILLED" if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "Interrupted"
+                        else "FAILED")
+                raise
+            finally:
+                progress.log = None
+        run.log_metrics(result.summary)
+        for name, values in trainer.state.task_metrics.items():
+            run.log_metrics({f"{name}_mean": float(np.mean(values))})
+        _log_artifacts(run, arm, result, Path(tmp))
+        run.log_artifact(log_path)
+    run.end("FINISHED")
+    curve = seen_accuracy(result.matrices["cil"], result.sizes).tolist()
+    return ArmOutcome(arm.name, arm.method.name, run.run_id, result.summary, curve)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def comparison_table(outcomes: list[ArmOutcome]) -> pd.DataFrame:
+    rows = [{"arm": o.arm, "method": o.method, **{c: o.summary.get(c, np.nan) for c in TABLE_COLUMNS}} for o in outcomes]
+    table = pd.DataFrame(rows).set_index("arm")
+    return table.dropna(axis=1, how="all")
+
+
+def log_parent_summary(parent: Run, outcomes: list[ArmOutcome]) -> pd.DataFrame:
+    table = comparison_table(outcomes)
+    curves = {o.arm: np.array(o.cil_curve) for o in outcomes if o.cil_curve}
+    with tempfile.TemporaryDirectory() as tmp:
+        csv = Path(tmp) / "comparison.csv"
+        table.to_csv(csv)
+        parent.log_artifact(csv)
+        if curves:
+            parent.log_artifact(accuracy_curves(curves, "CIL accuracy on seen tasks", Path(tmp) / "arms_cil.png"))
+    return table

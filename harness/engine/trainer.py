@@ -1,0 +1,361 @@
+"""The trainer: task -> epoch -> step for any method, with evaluation after every task.
+
+An arm's whole state (network, optimizer, schedule, method state such as GEM's memory, every RNG, the
+position in the task/epoch/step loop and the metrics so far) is one dict, written atomically to the
+run's checkpoint folder at the end of every task and every ``checkpoint_every`` epochs, so an interrupted
+arm continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.config.experiment import ArmRecipe, Block, EngineOptions
+from harness.data.augment import BatchTransform
+from harness.data.split import Split
+from harness.engine.evaluate import Evaluator
+from harness.engine.optim import build_optimizer, build_scheduler
+from harness.engine.progress import Progress
+from harness.errors import TrainingDiverged, UserError
+from harness.methods import method_class
+from harness.methods.base import Batch, Context
+from harness.metrics import old_new_accuracy, seen_accuracy, summarize
+from harness.models import build_network
+from harness.tracking import Run
+
+CHECKPOINT = "last.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"engine.device is {name!r} but this machine has no CUDA device")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [v.tolist() if isinstance(v, np.ndarray) else v for v in np.random.get_state()],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(state: dict[str, Any], folder: Path) -> Path:
+    """Write atomically: the previous checkpoint stays in place until the new file is complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / CHECKPOINT
+    tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(folder: Path) -> dict[str, Any] | None:
+    """The arm's last checkpoint, loaded with ``weights_only=True`` (a bad file is reported, never run)."""
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as exc:  # pickle, zip and torch errors all mean the same to the user
+        raise UserError(f"{path}: checkpoint cannot be loaded safely ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]})") from None
+
+
+@dataclass
+class ArmResult:
+    matrices: dict[str, np.ndarray]
+    baseline: dict[str, np.ndarray]
+    sizes: np.ndarray
+    summary: dict[str, float]
+
+
+@dataclass
+class LoopState:
+    """Where the loop is and what it has measured; everything here goes into the checkpoint."""
+
+    task: int = 0
+    epoch: int = 0
+    step: int = 0
+    global_epoch: int = 0
+    perm: torch.Tensor | None = None
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    rows: dict[str, list[list[float]]] = field(default_factory=dict)
+    baseline: dict[str, list[float]] = field(default_factory=dict)
+    task_metrics: dict[str, list[float]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+class Interrupted(Exception):
+    """SIGINT arrived; the current step finished and a checkpoint was written."""
+
+
+class StopSignal:
+    """Turns SIGINT into a flag the loop checks after each step, so the step in flight completes."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.previous: Any = None
+
+    def __enter__(self) -> StopSignal:
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave SIGINT alone
+            self.previous = None
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+EpochCallback = Callable[["ArmTrainer", int, int], None]
+
+
+class ArmTrainer:
+    """Trains one arm on a split. ``evaluate_on``: ``test`` (default) or ``val`` (held-out training data,
+    for tuning); ``last_task``: stop after this task (task-0 objectives); ``on_epoch``: called after every
+    epoch with (trainer, task, epoch), e.g. to report to an Optuna pruner."""
+
+    def __init__(self, arm: ArmRecipe, split: Split, run: Run | None, progress: Progress | None = None, *,
+                 evaluate_on: str = "test", last_task: int | None = None, on_epoch: EpochCallback | None = None,
+                 checkpoint_dir: Path | None = None) -> None:
+        self.arm, self.split, self.run = arm, split, run
+        self.progress = progress or Progress(0, enabled=False)
+        self.last_task = split.num_tasks - 1 if last_task is None else last_task
+        self.on_epoch, self.checkpoint_dir = on_epoch, checkpoint_dir
+        engine: EngineOptions = arm.engine
+        self.device = resolve_device(engine.device)
+        seed_everything(engine.seed, engine.deterministic)
+        self.amp = bool(engine.amp) if engine.amp is not None else self.device.type == "cuda"
+        channels_last = engine.channels_last if engine.channels_last is not None else self.device.type == "cuda"
+        dataset = split.dataset
+        self.net = build_network(arm.backbone.name, arm.backbone.kwargs, dataset.image_shape, split.num_classes).to(self.device)
+        # 4-d convolution inputs only: an MLP has nothing to gain from channels-last.
+        self.channels_last = bool(channels_last) and arm.backbone.name != "mlp"
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if engine.cuda_graph and self.device.type != "cuda":
+            self.progress.note(f"{arm.name}: engine.cuda_graph needs a CUDA device; running eagerly")
+        train_t = BatchTransform(arm.augment, dataset.mean, dataset.std, self.device)
+        eval_t = BatchTransform(dataclasses.replace(arm.augment, crop=0, flip=False, brightness=0.0),
+                                dataset.mean, dataset.std, self.device)
+        self.ctx = Context(split, dataset.train_x.to(self.device), split.train_y.to(self.device), train_t, eval_t,
+                           self.device)
+        self.method = method_class(arm.method.name)(self.net, arm.method.options, self.ctx)
+        images, labels = (dataset.test_x, split.test_y) if evaluate_on == "test" else (dataset.train_x, split.train_y)
+        self.evaluator = Evaluator(split, images, labels, evaluate_on, engine.eval_batch_size, self.device)
+        self.state = LoopState()
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+    # -- per-task pieces -------------------------------------------------------------------------------
+    def epochs_of(self, task: int) -> int:
+        return self.arm.init_epoch if task == 0 else self.arm.epoch
+
+    def _build_optimizer(self, task: int) -> None:
+        opt_block: Block = self.arm.init_optimizer if task == 0 else self.arm.optimizer
+        sched_block: Block = self.arm.init_lr_scheduler if task == 0 else self.arm.lr_scheduler
+        self.optimizer = build_optimizer(opt_block.name, opt_block.kwargs, self.net.parameters())
+        self.scheduler = build_scheduler(self.optimizer, sched_block.options, self.arm.warmup)
+
+    def _batch(self, index: torch.Tensor) -> Batch:
+        images = self.ctx.train_images[index]
+        inputs = self.ctx.train_transform(images, train=True)
+        if self.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return Batch(images, inputs, self.ctx.train_labels[index])
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if self.run is not None:
+            self.run.log_metrics(metrics, step)
+
+    # -- checkpointing ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        s = self.state
+        return {
+            "loop": {k: getattr(s, k) for k in ("task", "epoch", "step", "global_epoch", "perm", "loss_sum",
+                                                   "correct", "seen", "rows", "baseline", "task_metrics", "seconds")},
+            "net": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "method": self.method.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        for key, value in checkpoint["loop"].items():
+            setattr(self.state, key, value)
+        self.net.load_state_dict(checkpoint["net"])
+        self.method.before_task(self.state.task)
+        self.method.load_state_dict(_to_device(checkpoint["method"], self.device))
+        if checkpoint["optimizer"] is not None:
+            self._build_optimizer(self.state.task)
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        set_rng_state(checkpoint["rng"])
+
+    def checkpoint(self) -> None:
+        if self.checkpoint_dir is not None:
+            save_checkpoint(self.state_dict(), self.checkpoint_dir)
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def fit(self, checkpoint: dict[str, Any] | None = None) -> ArmResult:
+        if checkpoint is not None:
+            self.load_state_dict(checkpoint)
+        s = self.state
+        if not s.baseline:
+            s.baseline = {k: v.tolist() for k, v in self.evaluator.accuracy_rows(self.method, -1).items()}
+        with StopSignal() as stop:
+            while s.task <= self.last_task:
+                self._train_task(s.task, stop)
+        return self.result()
+
+    def _train_task(self, task: int, stop: StopSignal) -> None:
+        s = self.state
+        started = time.monotonic()
+        if s.epoch == 0 and s.step == 0 and s.perm is None:
+            self.method.before_task(task)
+            self._build_optimizer(task)
+        indices = self.method.training_indices(task).to(self.device)
+        epochs = self.epochs_of(task)
+        while s.epoch < epochs:
+            self._train_epoch(task, indices, stop)
+            s.seconds += time.monotonic() - started
+            started = time.monotonic()
+            every = self.arm.engine.checkpoint_every
+            if every and s.epoch % every == 0 and s.epoch < epochs:
+                self.checkpoint()
+        self.method.after_task(task)
+        rows = self.evaluator.accuracy_rows(self.method, task)
+        for name, row in rows.items():
+            s.rows.setdefault(name, []).append(row.tolist())
+        for name, value in self.method.task_metrics().items():
+            s.task_metrics.setdefault(name, []).append(value)
+        s.seconds += time.monotonic() - started
+        self._log_task(task, rows, time.monotonic() - started)
+        s.task, s.epoch = task + 1, 0
+        self.checkpoint()
+
+    def _train_epoch(self, task: int, indices: torch.Tensor, stop: StopSignal) -> None:
+        s = self.state
+        self.net.train()
+        if s.perm is None:
+            s.perm = indices[torch.randperm(len(indices), device="cpu").to(self.device)]
+            s.step, s.loss_sum, s.correct, s.seen = 0, 0.0, 0, 0
+        bs = self.arm.batch_size
+        steps = math.ceil(len(s.perm) / bs)
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        first_bad = torch.full((), steps, device=self.device, dtype=torch.long)
+        start_step, seen = s.step, 0
+        for step in range(start_step, steps):
+            batch = self._batch(s.perm[step * bs : (step + 1) * bs])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                result = self.method.observe(batch, self.optimizer)
+            loss = result.loss.double()
+            # Accumulated on the device and read once per epoch: no host synchronisation per step.
+            first_bad = torch.where(torch.isfinite(loss) | (first_bad < steps), first_bad, step)
+            loss_sum += loss * len(batch.labels)
+            correct += result.correct
+            seen += len(batch.labels)
+            if stop.raised and step + 1 < steps:
+                s.step, s.loss_sum = step + 1, s.loss_sum + float(loss_sum)
+                s.correct, s.seen = s.correct + int(correct), s.seen + seen
+                self.checkpoint()
+                raise Interrupted(f"{self.arm.name}: interrupted in task {task} epoch {s.epoch} after step {step}")
+        if int(first_bad) < steps:
+            raise TrainingDiverged(f"arm {self.arm.name!r}: non-finite loss at task {task}, epoch {s.epoch}, "
+                                   f"step {int(first_bad)}; the last good checkpoint is kept")
+        total_loss, total_correct, total_seen = s.loss_sum + float(loss_sum), s.correct + int(correct), s.seen + seen
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self._log({"train_loss": total_loss / max(total_seen, 1), "train_acc": total_correct / max(total_seen, 1),
+                   "lr": lr}, s.global_epoch)
+        self.progress.epoch(self.arm.name, task, self.last_task + 1, s.epoch, self.epochs_of(task),
+                            total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), lr)
+        s.perm, s.step, s.loss_sum, s.correct, s.seen = None, 0, 0.0, 0, 0
+        s.epoch += 1
+        s.global_epoch += 1
+        if stop.raised:
+            self.checkpoint()
+            raise Interrupted(f"{self.arm.name}: interrupted in task {task} after epoch {s.epoch}")
+        if self.on_epoch is not None:
+            self.on_epoch(self, task, s.epoch - 1)
+
+    def _log_task(self, task: int, rows: dict[str, np.ndarray], seconds: float) -> None:
+        sizes = self.evaluator.sizes
+        metrics: dict[str, float] = {"task_seconds": seconds}
+        for name, row in rows.items():
+            metrics.update({f"{name}_acc_task_{j}": float(v) for j, v in enumerate(row)})
+            R = np.array(self.state.rows[name])
+            seen = seen_accuracy(R, sizes)
+            old, new = old_new_accuracy(R, sizes)
+            metrics.update({f"{name}_seen_acc": seen[-1], f"{name}_old_acc": old[-1], f"{name}_new_acc": new[-1]})
+        for name, values in self.state.task_metrics.items():
+            metrics[name] = values[-1]
+        self._log(metrics, task)
+
+    def result(self) -> ArmResult:
+        s, sizes = self.state, self.evaluator.sizes
+        n = len(s.rows["cil"])
+        matrices = {name: np.array(rows)[:, :n] for name, rows in s.rows.items()}
+        baseline = {name: np.array(row)[:n] for name, row in s.baseline.items()}
+        summary: dict[str, float] = {"task0_acc": float(matrices["cil"][0, 0]), "wall_seconds": s.seconds}
+        for name, R in matrices.items():
+            summary.update(summarize(R, baseline[name], sizes[:n], name))
+        return ArmResult(matrices, baseline, sizes[:n], summary)
+
+
+def _to_device(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_to_device(v, device) for v in tree]
+    return tree

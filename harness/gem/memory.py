@@ -1,0 +1,80 @@
+"""GEM's episodic memory: ``n_memories`` slots for every task, kept as uint8 images on the model's device.
+
+This is not a rehearsal buffer. Its examples never enter a training batch; GEM only uses them to compute
+one gradient per past task, the constraints of the projection. The budget is per task, as in the paper
+(a LibContinual ``buffer_size`` is a single budget shared by all classes of a replay method).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def herding_selection(features: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of ``count`` examples whose running feature mean tracks the class mean best (Welling 2009;
+    iCaRL's exemplar selection). ``features`` are L2-normalised rows of one class."""
+    count = min(count, len(features))
+    target = features.mean(0)
+    chosen = torch.zeros(count, dtype=torch.long, device=features.device)
+    taken = torch.zeros(len(features), dtype=torch.bool, device=features.device)
+    running = torch.zeros_like(target)
+    for k in range(count):
+        gap = ((target - (running + features) / (k + 1)) ** 2).sum(1)
+        pick = gap.masked_fill(taken, torch.inf).argmin()
+        chosen[k] = pick
+        taken[pick] = True
+        running = running + features[pick]
+    return chosen
+
+
+def per_class_quota(total: int, classes: int) -> list[int]:
+    """Split ``total`` slots over ``classes`` as evenly as possible (earlier classes take the remainder)."""
+    return [total // classes + (1 if c < total % classes else 0) for c in range(classes)]
+
+
+class EpisodicMemory:
+    """``images[k, :count[k]]`` and ``labels[k, :count[k]]`` are task k's memory."""
+
+    def __init__(self, num_tasks: int, n_memories: int, image_shape: tuple[int, ...], device: torch.device) -> None:
+        self.n_memories = n_memories
+        self.images = torch.zeros((num_tasks, n_memories, *image_shape), dtype=torch.uint8, device=device)
+        self.labels = torch.zeros((num_tasks, n_memories), dtype=torch.long, device=device)
+        # Counts are host integers: batch sizes are known on the host, so keeping them needs no sync.
+        self.count = [0] * num_tasks
+        self.cursor = [0] * num_tasks
+
+    def write_ring(self, task: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """The original GEM's policy: write examples as they stream, overwriting the oldest, so the memory
+        ends holding the task's most recent ``n_memories`` examples. (The original code drops the part of a
+        batch that crosses the end of the ring; here it wraps around.)"""
+        n = self.n_memories
+        if len(images) > n:
+            images, labels = images[-n:], labels[-n:]
+        slots = (self.cursor[task] + torch.arange(len(images), device=images.device)) % n
+        self.images[task, slots] = images
+        self.labels[task, slots] = labels
+        self.cursor[task] = (self.cursor[task] + len(images)) % n
+        self.count[task] = min(n, self.count[task] + len(images))
+
+    def fill(self, task: int, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """Replace task ``task``'s memory with the given (at most ``n_memories``) examples."""
+        count = len(images)
+        self.images[task, :count] = images
+        self.labels[task, :count] = labels
+        self.count[task], self.cursor[task] = count, count % self.n_memories
+
+    def task(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[task, : self.count[task]], self.labels[task, : self.count[task]]
+
+    def tasks(self, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All memories of tasks 0..upto-1, concatenated."""
+        parts = [self.task(k) for k in range(upto)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def state_dict(self) -> dict[str, object]:
+        return {"images": self.images, "labels": self.labels, "count": list(self.count), "cursor": list(self.cursor)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.images.copy_(state["images"])  # type: ignore[arg-type]
+        self.labels.copy_(state["labels"])  # type: ignore[arg-type]
+        self.count, self.cursor = list(state["count"]), list(state["cursor"])  # type: ignore[call-overload]

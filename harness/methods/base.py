@@ -1,0 +1,150 @@
+"""The method interface every arm implements; the trainer knows nothing else about an arm.
+
+A method sees one task at a time: ``training_indices`` says which examples the trainer streams,
+``observe`` performs one optimisation step on an augmented batch, ``after_task`` updates method state,
+``predict`` returns class scores for evaluation (``cnn`` logits, plus e.g. ``nme``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from harness.data.augment import BatchTransform
+from harness.data.split import Split
+
+TrainMask = Literal["task", "seen", "none"]
+
+
+@dataclass
+class Batch:
+    """``images``: raw uint8 as stored; ``inputs``: augmented, normalised network input; ``labels``:
+    remapped labels (task t owns ``offsets[t]:offsets[t+1]``)."""
+
+    images: torch.Tensor
+    inputs: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class Context:
+    """What a method may use besides its network: the split, the device-resident training images and the
+    train/eval transforms."""
+
+    split: Split
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    train_transform: BatchTransform
+    eval_transform: BatchTransform
+    device: torch.device
+
+
+def restrict_logits(logits: torch.Tensor, lo: int | torch.Tensor, hi: int | torch.Tensor) -> torch.Tensor:
+    """Hide the classes outside ``[lo, hi)`` (per example when ``lo``/``hi`` are tensors): a loss or argmax
+    over the result sees only those logits, and hidden classes get exactly zero gradient."""
+    classes = torch.arange(logits.shape[1], device=logits.device)
+    lo_t = torch.as_tensor(lo, device=logits.device).reshape(-1, 1)
+    hi_t = torch.as_tensor(hi, device=logits.device).reshape(-1, 1)
+    return logits.masked_fill((classes < lo_t) | (classes >= hi_t), float("-inf"))
+
+
+def own_task_bounds(labels: torch.Tensor, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example, the logit range of the task that owns its label (task masks on mixed-task batches)."""
+    edges = torch.tensor(offsets, device=labels.device)
+    owner = torch.bucketize(labels, edges[1:], right=True)
+    return edges[owner], edges[owner + 1]
+
+
+def mask_bounds(mask: TrainMask, task: int, current: int, offsets: list[int]) -> tuple[int, int]:
+    """Logit range a loss on task ``task``'s data sees while training task ``current``.
+
+    ``task``: only that task's own classes (the original GEM and PyCIL); ``seen``: every class seen so far
+    (class-incremental training); ``none``: all classes of the split."""
+    if mask == "task":
+        return offsets[task], offsets[task + 1]
+    if mask == "seen":
+        return 0, offsets[current + 1]
+    return 0, offsets[-1]
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    correct: torch.Tensor
+
+
+class Method:
+    """Base class: plain cross-entropy on the current task's batch with the chosen logit mask."""
+
+    name: ClassVar[str]
+
+    @dataclass
+    class Options:
+        train_mask: TrainMask = "seen"
+
+    def __init__(self, net: nn.Module, options: Any, ctx: Context) -> None:
+        self.net, self.options, self.ctx = net, options, ctx
+        self.task = 0
+
+    def training_indices(self, task: int) -> torch.Tensor:
+        return self.ctx.split.tasks[task].train
+
+    def before_task(self, task: int) -> None:
+        self.task = task
+
+    def bounds(self, data_task: int) -> tuple[int, int]:
+        return mask_bounds(self.options.train_mask, data_task, self.task, self.ctx.split.offsets)
+
+    def loss_and_correct(self, inputs: torch.Tensor, labels: torch.Tensor, data_task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = restrict_logits(self.net(inputs), *self.bounds(data_task))
+        loss = nn.functional.cross_entropy(logits, labels)
+        return loss, (logits.argmax(1) == labels).sum()
+
+    def observe(self, batch: Batch, optimizer: torch.optim.Optimizer) -> StepResult:
+        optimizer.zero_grad(set_to_none=False)
+        loss, correct = self.loss_and_correct(batch.inputs, batch.labels, self.task)
+        loss.backward()
+        optimizer.step()
+        return StepResult(loss.detach(), correct)
+
+    def after_task(self, task: int) -> None:
+        """Update method state once the task's training ends (memories, class means)."""
+
+    @torch.no_grad()
+    def predict(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"cnn": self.net(inputs)}
+
+    def task_metrics(self) -> dict[str, float]:
+        """Method-specific numbers for the task just trained (read once per task)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what ``state_dict`` returned (for resume)."""
+
+
+class Finetune(Method):
+    """Lower bound: train on each new task as it comes, no memory."""
+
+    name = "finetune"
+
+
+class Joint(Method):
+    """Upper bound: when task t arrives, train on the data of every task 0..t."""
+
+    name = "joint"
+
+    def training_indices(self, task: int) -> torch.Tensor:
+        tasks = self.ctx.split.tasks
+        return torch.cat([tasks[k].train for k in range(task + 1)])
+
+    def loss_and_correct(self, inputs: torch.Tensor, labels: torch.Tensor, data_task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.options.train_mask != "task":
+            return super().loss_and_correct(inputs, labels, data_task)
+        logits = restrict_logits(self.net(inputs), *own_task_bounds(labels, self.ctx.split.offsets))
+        return nn.functional.cross_entropy(logits, labels), (logits.argmax(1) == labels).sum()

@@ -1,0 +1,77 @@
+"""Backbones and the classifier network (backbone + one linear head over every class of the split)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.models.resnet import reduced_resnet18, resnet12, resnet18, resnet32, resnet34
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network on flattened inputs (the GEM paper's MNIST net: 2 x 100)."""
+
+    def __init__(self, in_channels: int, image_size: int, hidden: list[int] | None = None) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_channels * image_size * image_size
+        for h in hidden or [100, 100]:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.body = nn.Sequential(*layers)
+        self.feat_dim = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def mlp(in_channels: int, image_size: int, hidden: list[int] | None = None) -> MLP:
+    return MLP(in_channels, image_size, hidden)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "resnet32": resnet32,
+    "reduced_resnet18": reduced_resnet18,
+    "resnet18": resnet18,
+    "resnet34": resnet34,
+    "resnet12": resnet12,
+    "mlp": mlp,
+}
+
+# LibContinual backbone blocks carry these; they are checked against the split instead of passed on.
+LIBCONTINUAL_BACKBONE_KEYS = ("num_classes", "args")
+
+
+class Network(nn.Module):
+    """``features`` = backbone output; ``forward`` = logits over all classes of the split (methods decide
+    which logits each loss sees)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feat_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def build_backbone(name: str, kwargs: dict[str, Any], image_shape: tuple[int, int, int]) -> nn.Module:
+    kwargs = {k: v for k, v in kwargs.items() if k not in LIBCONTINUAL_BACKBONE_KEYS}
+    if name == "mlp":
+        return mlp(image_shape[0], image_shape[1], **kwargs)
+    return BACKBONES[name](image_shape[0], **kwargs)
+
+
+def build_network(name: str, kwargs: dict[str, Any], image_shape: tuple[int, int, int], num_classes: int) -> Network:
+    return Network(build_backbone(name, kwargs, image_shape), num_classes)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

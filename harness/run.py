@@ -1,0 +1,155 @@
+"""``python -m harness.run EXPERIMENT.yaml [key.path=value ...]``: every arm on the same split, side by side.
+
+Also ``--dry-run`` (validate and print the plan) and ``--resume PARENT_RUN_ID`` (continue an interrupted
+experiment: finished arms are kept, the interrupted arm continues from its checkpoint in its own run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.config.experiment import Experiment, load_experiment
+from harness.engine.progress import Progress
+from harness.engine.runner import (ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm,
+                                   split_params)
+from harness.engine.trainer import Interrupted
+from harness.errors import UserError
+from harness.tracking import Run, RunInfo, Tracker, flatten, make_tracker
+
+RESOLVED = "experiment.json"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m harness.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("experiment", nargs="?", help="experiment YAML file")
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides (arms addressed by name)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking URI, or 'none' for a local folder")
+    parser.add_argument("--variant", help="apply the named entry of the file's variants: block (e.g. quick)")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved experiment and plan")
+    parser.add_argument("--resume", metavar="PARENT_RUN_ID", help="continue an interrupted experiment")
+    parser.add_argument("--force", action="store_true", help="resume even if the experiment file changed")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    args = parser.parse_args(argv)
+    if args.resume is None and args.experiment is None:
+        parser.error("an experiment file (or --resume PARENT_RUN_ID) is required")
+    if args.resume is not None and (args.experiment or args.overrides):
+        parser.error("--resume takes the experiment file and overrides recorded in the parent run")
+    return args
+
+
+def total_epochs(experiment: Experiment, tasks: int) -> int:
+    return sum(arm.init_epoch + arm.epoch * (tasks - 1) for arm in experiment.arms)
+
+
+def _outcome_from_run(tracker: Tracker, info: RunInfo, method: str) -> ArmOutcome:
+    return ArmOutcome(info.name, method, info.run_id, info.metrics, tracker.metric_history(info.run_id, "cil_seen_acc"))
+
+
+def execute(experiment: Experiment, tracker: Tracker, parent: Run, progress: Progress,
+            previous: dict[str, RunInfo] | None = None) -> list[ArmOutcome]:
+    """Run (or, on resume, finish) every arm; the parent is marked KILLED/FAILED with a resume hint on error."""
+    split = build_split(experiment)
+    outcomes = []
+    try:
+        for arm in experiment.arms:
+            before = (previous or {}).get(arm.name)
+            if before is not None and before.status == "FINISHED":
+                progress.note(f"{arm.name}: finished before, kept ({before.run_id})")
+                outcomes.append(_outcome_from_run(tracker, before, arm.method.name))
+                continue
+            resume_run = Run(tracker, before.run_id) if before is not None else None
+            outcomes.append(run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run))
+    except BaseException as exc:
+        parent.set_tags({"resume_hint": f"python -m harness.run --resume {parent.run_id}"})
+        parent.end("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
+        raise
+    finally:
+        progress.close()
+    table = log_parent_summary(parent, outcomes)
+    parent.end("FINISHED")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    return outcomes
+
+
+def start(args: argparse.Namespace) -> int:
+    experiment = load_experiment(args.experiment, args.overrides, args.variant)
+    uri = args.tracking_uri or experiment.tracking.uri
+    if args.dry_run:
+        split = build_split(experiment)
+        print(yaml.safe_dump({"name": experiment.name, "split": split_params(experiment, split),
+                              "arms": [a.to_dict() for a in experiment.arms]}, sort_keys=False))
+        print(plan(experiment, split))
+        return 0
+    tracker = make_tracker(uri, experiment.tracking.experiment or experiment.name, experiment.tracking.local_dir)
+    split = build_split(experiment)
+    parent = tracker.start(experiment.name, {
+        "kind": "experiment", "experiment_file": str(Path(args.experiment).resolve()),
+        "overrides": json.dumps(args.overrides), "variant": args.variant or "", "git_commit": git_commit(),
+        "split_hash": split.digest})
+    print(f"parent run {parent.run_id} ({tracker.description})", flush=True)
+    parent.log_params({"split": split_params(experiment, split), "arms": [a.name for a in experiment.arms]})
+    folder = parent.local_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RESOLVED).write_text(json.dumps(experiment.raw, sort_keys=True, default=str))
+    resolved_yaml = folder / "experiment_resolved.yaml"
+    resolved_yaml.write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
+    parent.log_artifact(resolved_yaml)
+    progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
+    execute(experiment, tracker, parent, progress)
+    return 0
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    a, b = flatten(before), flatten(after)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def resume(args: argparse.Namespace) -> int:
+    tracker = make_tracker(args.tracking_uri, None)
+    info = tracker.info(args.resume)
+    if info.tags.get("kind") != "experiment":
+        raise UserError(f"run {args.resume} is not an experiment's parent run (its arms are resumed through it)")
+    if info.status == "FINISHED":
+        raise UserError(f"experiment run {args.resume} already finished; nothing to resume")
+    tracker.use_experiment(info.experiment)
+    experiment = load_experiment(info.tags["experiment_file"], json.loads(info.tags.get("overrides", "[]")),
+                                 info.tags.get("variant") or None)
+    recorded = tracker.local_dir(args.resume) / RESOLVED
+    if recorded.is_file():
+        before = json.loads(recorded.read_text())
+        now = json.loads(json.dumps(experiment.raw, sort_keys=True, default=str))
+        diff = changed_keys(before, now)
+        if diff and not args.force:
+            raise UserError(f"{info.tags['experiment_file']} changed since run {args.resume} started "
+                            f"(keys: {', '.join(diff[:12])}); pass --force to continue anyway")
+    parent = tracker.reopen(args.resume)
+    print(f"resuming parent run {parent.run_id} ({tracker.description})", flush=True)
+    previous = {}
+    for child in sorted(tracker.children(args.resume), key=lambda c: c.status == "FINISHED"):
+        previous[child.name] = child  # a FINISHED run of an arm wins over an interrupted one
+    progress = Progress(total_epochs(experiment, experiment.split.task_num), enabled=not args.quiet)
+    execute(experiment, tracker, parent, progress, previous)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return resume(args) if args.resume else start(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"interrupted: {exc or 'stopped'}; continue with: python -m harness.run --resume <parent run id above>",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

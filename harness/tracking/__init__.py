@@ -1,0 +1,337 @@
+"""Where runs are recorded: MLflow (any tracking URI) or, with ``tracking.uri: none``, a local folder with
+the same params, metrics, tags and artifacts for machines without MLflow.
+
+Runs are addressed by id through a client, never through MLflow's global "active run", so a resumed
+experiment can log into the same runs again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import UserError
+
+PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": "1"}`` (lists stay whole, as YAML-ish text)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:PARAM_LIMIT]
+    return flat
+
+
+def finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+
+
+class Run:
+    """One run of a tracker: an arm, a trial or an experiment's parent."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker, self.run_id = tracker, run_id
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.tracker.log_params(self.run_id, flatten(params))
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        values = finite(metrics)
+        if values:
+            self.tracker.log_metrics(self.run_id, values, step)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        self.tracker.set_tags(self.run_id, {k: str(v) for k, v in tags.items()})
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        self.tracker.log_artifact(self.run_id, path, folder)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.tracker.end(self.run_id, status)
+
+    def local_dir(self) -> Path:
+        """A folder on this machine that belongs to the run (checkpoints live here)."""
+        return self.tracker.local_dir(self.run_id)
+
+
+class Tracker:
+    """Interface shared by the MLflow and local-folder backends."""
+
+    description = ""
+
+    def use_experiment(self, name: str) -> None:
+        raise NotImplementedError
+
+    def start(self, name: str, tags: dict[str, str], parent: Run | None = None) -> Run:
+        raise NotImplementedError
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        raise NotImplementedError
+
+    def log_artifact(self, run_id: str, path: Path, folder: str | None) -> None:
+        raise NotImplementedError
+
+    def end(self, run_id: str, status: str) -> None:
+        raise NotImplementedError
+
+    def local_dir(self, run_id: str) -> Path:
+        raise NotImplementedError
+
+    def reopen(self, run_id: str) -> Run:
+        """Mark an interrupted run RUNNING again so a resumed arm logs into the same run."""
+        raise NotImplementedError
+
+    def info(self, run_id: str) -> RunInfo:
+        raise NotImplementedError
+
+    def children(self, parent_id: str) -> list[RunInfo]:
+        raise NotImplementedError
+
+    def metric_history(self, run_id: str, key: str) -> list[float]:
+        """The metric's values ordered by step (the last value logged at each step)."""
+        raise NotImplementedError
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    name: str
+    status: str
+    experiment: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+
+
+class MlflowTracker(Tracker):
+    def __init__(self, uri: str, experiment: str | None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.tracking import MlflowClient
+
+        self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
+        self.uri, self.description = uri, f"MLflow at {uri}"
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = ""
+        if experiment is not None:
+            self.use_experiment(experiment)
+
+    def use_experiment(self, name: str) -> None:
+        import mlflow
+
+        try:
+            found = self.client.get_experiment_by_name(name)
+            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+                name, artifact_location=artifact_root(self.uri))
+        except (mlflow.exceptions.MlflowException, OSError) as exc:
+            raise UserError(f"MLflow store {self.uri}: {str(exc).splitlines()[0]}") from None
+
+    def start(self, name: str, tags: dict[str, str], parent: Run | None = None) -> Run:
+        if parent is not None:
+            tags = {**tags, "mlflow.parentRunId": parent.run_id}
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
+        return Run(self, run.info.run_id)
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [self._Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [self._Metric(k, v, now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[self._RunTag(k, v) for k, v in tags.items()])
+
+    def log_artifact(self, run_id: str, path: Path, folder: str | None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
+
+    def end(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+    def local_dir(self, run_id: str) -> Path:
+        uri = self.client.get_run(run_id).info.artifact_uri
+        if uri.startswith("file:"):
+            return _file_uri_path(uri).parent
+        return Path("checkpoints").resolve() / run_id
+
+    def reopen(self, run_id: str) -> Run:
+        self.client.update_run(run_id, status="RUNNING")
+        return Run(self, run_id)
+
+    def _info(self, run: Any) -> RunInfo:
+        experiment = self.client.get_experiment(run.info.experiment_id).name
+        return RunInfo(run.info.run_id, run.info.run_name or "", run.info.status, experiment, dict(run.data.tags),
+                       dict(run.data.params), dict(run.data.metrics))
+
+    def info(self, run_id: str) -> RunInfo:
+        import mlflow
+
+        try:
+            return self._info(self.client.get_run(run_id))
+        except mlflow.exceptions.MlflowException:
+            raise UserError(f"no run {run_id!r} in MLflow store {self.uri}") from None
+
+    def children(self, parent_id: str) -> list[RunInfo]:
+        parent = self.client.get_run(parent_id)
+        runs = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                       max_results=10000)
+        return [self._info(r) for r in runs]
+
+    def metric_history(self, run_id: str, key: str) -> list[float]:
+        by_step = {m.step: m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+        return [by_step[k] for k in sorted(by_step)]
+
+
+class FolderTracker(Tracker):
+    """``<root>/<experiment>/<run_id>/``: params.json, metrics.jsonl, tags.json, meta.json, artifacts/."""
+
+    def __init__(self, base: Path, experiment: str | None) -> None:
+        self.base = base
+        self.root = base
+        self.description = f"local folder {base}"
+        if experiment is not None:
+            self.use_experiment(experiment)
+
+    def use_experiment(self, name: str) -> None:
+        self.root = self.base / name
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{self.root}: cannot create the run folder ({exc.strerror})") from None
+
+    def _path(self, run_id: str, name: str) -> Path:
+        return self.root / run_id / name
+
+    def _update(self, run_id: str, name: str, values: dict[str, Any]) -> None:
+        path = self._path(run_id, name)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data.update(values)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        tmp.replace(path)
+
+    def start(self, name: str, tags: dict[str, str], parent: Run | None = None) -> Run:
+        run_id = uuid.uuid4().hex
+        (self.root / run_id / "artifacts").mkdir(parents=True)
+        self._update(run_id, "meta.json", {"run_name": name, "status": "RUNNING", "start_time": time.time(),
+                                           "parent_run_id": parent.run_id if parent else None})
+        self._update(run_id, "tags.json", {**tags, "mlflow.runName": name})
+        return Run(self, run_id)
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        self._update(run_id, "params.json", params)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        with open(self._path(run_id, "metrics.jsonl"), "a") as f:
+            for key, value in metrics.items():
+                f.write(json.dumps({"key": key, "value": value, "step": step, "timestamp": time.time()}) + "\n")
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        self._update(run_id, "tags.json", tags)
+
+    def log_artifact(self, run_id: str, path: Path, folder: str | None) -> None:
+        target = self._path(run_id, "artifacts") / (folder or "")
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target / path.name)
+
+    def end(self, run_id: str, status: str) -> None:
+        self._update(run_id, "meta.json", {"status": status, "end_time": time.time()})
+
+    def local_dir(self, run_id: str) -> Path:
+        return self.root / run_id
+
+    def _read(self, run_id: str, name: str) -> dict[str, Any]:
+        path = self._path(run_id, name)
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def reopen(self, run_id: str) -> Run:
+        self._update(run_id, "meta.json", {"status": "RUNNING"})
+        return Run(self, run_id)
+
+    def _records(self, run_id: str) -> list[dict[str, Any]]:
+        path = self._path(run_id, "metrics.jsonl")
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def metric_history(self, run_id: str, key: str) -> list[float]:
+        by_step = {r["step"]: r["value"] for r in self._records(run_id) if r["key"] == key}
+        return [by_step[k] for k in sorted(by_step)]
+
+    def info(self, run_id: str) -> RunInfo:
+        if not (self.root / run_id / "meta.json").is_file():
+            found = sorted(self.base.glob(f"*/{run_id}/meta.json"))
+            if not found:
+                raise UserError(f"no run {run_id!r} under {self.base}")
+            self.root = found[0].parent.parent
+        meta = self._read(run_id, "meta.json")
+        metrics = {r["key"]: r["value"] for r in self._records(run_id)}
+        return RunInfo(run_id, meta.get("run_name", ""), meta.get("status", ""), self.root.name,
+                       self._read(run_id, "tags.json"), self._read(run_id, "params.json"), metrics)
+
+    def children(self, parent_id: str) -> list[RunInfo]:
+        found = []
+        for meta in self.root.glob("*/meta.json"):
+            if json.loads(meta.read_text()).get("parent_run_id") == parent_id:
+                found.append(self.info(meta.parent.name))
+        return found
+
+
+def _file_uri_path(uri: str) -> Path:
+    from urllib.parse import unquote, urlparse
+
+    return Path(unquote(urlparse(uri).path))
+
+
+def default_mlflow_uri() -> str:
+    """SQLite inside ``./mlruns`` (MLflow 3 keeps its plain-file store in maintenance mode)."""
+    return f"sqlite:///{(Path.cwd() / 'mlruns' / 'mlflow.db').resolve()}"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a local SQLite store go next to the database, in ``artifacts/``."""
+    db = _sqlite_path(uri)
+    return (db.parent / "artifacts").resolve().as_uri() if db is not None else None
+
+
+def make_tracker(uri: str | None, experiment: str | None, local_dir: str = "harness_runs") -> Tracker:
+    """``none`` -> local folder; anything else (default: ``./mlruns``) -> MLflow."""
+    if uri is not None and uri.lower() == "none":
+        return FolderTracker(Path(local_dir), experiment)
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri()
+    local = _file_uri_path(uri) if uri.startswith("file:") else _sqlite_path(uri)
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the user asked for a file store explicitly
+    if local is not None:
+        folder = local if uri.startswith("file:") else local.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"{folder}: MLflow store is not writable ({exc.strerror})") from None
+    return MlflowTracker(uri, experiment)
