@@ -16,8 +16,7 @@ import yaml
 
 from harness.config.experiment import Experiment, load_experiment
 from harness.engine.progress import Progress
-from harness.engine.runner import (ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm,
-                                   split_params)
+from harness.engine.runner import ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
 from harness.engine.trainer import Interrupted
 from harness.errors import UserError
 from harness.tracking import Run, RunInfo, Tracker, flatten, make_tracker
@@ -35,7 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="PARENT_RUN_ID", help="continue an interrupted experiment")
     parser.add_argument("--force", action="store_true", help="resume even if the experiment file changed")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if args.resume is None and args.experiment is None:
         parser.error("an experiment file (or --resume PARENT_RUN_ID) is required")
     if args.resume is not None and (args.experiment or args.overrides):

@@ -148,7 +148,7 @@ def _require(raw: dict[str, Any], key: str, types: tuple[type, ...], where: str,
 
 
 def _typed(value: Any, types: tuple[type, ...], key: str, source: str) -> Any:
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
         names = " or ".join(t.__name__ for t in types)
         raise ConfigError(f"must be {names}, not {type(value).__name__} {value!r}", key=key, source=source)
     return value
@@ -330,7 +330,7 @@ def _parse_arm(raw: Any, index: int, split: SplitSpec, engine: dict[str, Any], e
         raise ConfigError("is required", key="backbone", source=source)
     backbone_name, backbone_kwargs = _block(merged["backbone"], "backbone", source, BACKBONES, "backbone")
     check_call_kwargs(BACKBONES[backbone_name], backbone_kwargs, key="backbone.kwargs", source=source,
-                      skip=("in_channels", "image_size"))
+                      skip=("in_channels", "image_size"), extra=LIBCONTINUAL_BACKBONE_KEYS)
     if backbone_kwargs.get("num_classes") not in (None, split.offsets[-1]):
         raise ConfigError(f"is {backbone_kwargs['num_classes']} but the split has {split.offsets[-1]} classes",
                           key="backbone.kwargs.num_classes", source=source)

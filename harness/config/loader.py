@@ -26,7 +26,7 @@ _Loader.add_implicit_resolver(
 
 
 def parse_yaml(text: str) -> object:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Loader)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -48,10 +48,15 @@ def read_yaml(path: Path) -> dict[str, Any]:
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """Merge ``top`` over ``base``: mappings merge key by key, anything else in ``top`` replaces."""
+    """Merge ``top`` over ``base``: mappings merge key by key, anything else in ``top`` replaces.
+
+    A ``{name, kwargs}`` block whose ``name`` changes is replaced whole: the kwargs of another optimizer or
+    scheduler (say MultiStepLR's milestones under a StepLR) would not fit it."""
     merged = copy.deepcopy(base)
     for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        renamed = isinstance(value, dict) and isinstance(merged.get(key), dict) and \
+            "name" in value and value["name"] != merged[key].get("name", value["name"])
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not renamed:
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)

@@ -107,9 +107,10 @@ def build_options(cls: type[T], raw: dict[str, Any] | None, *, key: str, source:
 
 
 def check_call_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], *, key: str, source: str | None,
-                      skip: Iterable[str] = ()) -> None:
-    """Reject keyword arguments that ``fn`` does not accept (for torch optimizers and backbone builders)."""
+                      skip: Iterable[str] = (), extra: Iterable[str] = ()) -> None:
+    """Reject keyword arguments that ``fn`` does not accept (for torch optimizers and backbone builders);
+    ``skip`` are parameters the harness fills itself, ``extra`` further accepted names."""
     params = inspect.signature(fn).parameters
     known = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
              and n not in ("self", "params", *skip)]
-    reject_unknown(kwargs, known, key=key, source=source)
+    reject_unknown(kwargs, [*known, *extra], key=key, source=source)

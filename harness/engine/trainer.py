@@ -344,7 +344,9 @@ class ArmTrainer:
         s, sizes = self.state, self.evaluator.sizes
         n = len(s.rows["cil"])
         matrices = {name: np.array(rows)[:, :n] for name, rows in s.rows.items()}
-        baseline = {name: np.array(row)[:n] for name, row in s.baseline.items()}
+        # NME has no class means before training, so its FWT baseline is unknown (NaN).
+        baseline = {name: np.array(s.baseline[name])[:n] if name in s.baseline else np.full(n, np.nan)
+                    for name in matrices}
         summary: dict[str, float] = {"task0_acc": float(matrices["cil"][0, 0]), "wall_seconds": s.seconds}
         for name, R in matrices.items():
             summary.update(summarize(R, baseline[name], sizes[:n], name))

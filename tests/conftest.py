@@ -1,0 +1,47 @@
+"""Shared fixtures: a temporary MLflow store, the real data folders, small experiment files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HARNESS_SHARED_DATA", ROOT.parent / "shared" / "data"))
+CIFAR100 = SHARED_DATA / "cifar100"
+MNIST = SHARED_DATA
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decoded-image caches go to a per-session folder, never next to the shared data."""
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def digits_arm(name: str, method: dict, epoch: int = 4, **extra: object) -> dict:
+    return {"name": name, "method": method, "backbone": {"name": "mlp", "kwargs": {"hidden": [64, 64]}},
+            "epoch": epoch, "batch_size": 32, "optimizer": {"name": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9}},
+            "augment": False, **extra}
+
+
+def digits_experiment(arms: list[dict], **split: object) -> dict:
+    return {"name": "digits-test",
+            "split": {"dataset": "digits", "class_order": "label", "init_cls_num": 2, "inc_cls_num": 2,
+                      "task_num": 5, "seed": 0, **split},
+            "engine": {"device": "cpu", "deterministic": True},
+            "arms": arms}
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+needs_cifar = pytest.mark.skipif(not (CIFAR100 / "train").is_dir(), reason=f"CIFAR-100 not found at {CIFAR100}")

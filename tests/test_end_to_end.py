@@ -1,0 +1,98 @@
+"""Whole experiments through ``python -m harness.run``, read back from a temporary MLflow store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.run import main
+from tests.conftest import CIFAR100, digits_arm, digits_experiment, needs_cifar, write_yaml
+
+SUMMARY = ["task0_acc", "cil_acc", "cil_bwt", "cil_fwt", "cil_forgetting", "cil_avg_incremental", "til_acc", "til_bwt",
+           "til_fwt", "til_forgetting", "til_avg_incremental", "cil_bwt_code", "cil_fwt_code", "wall_seconds"]
+ARTIFACTS = {"recipe.yaml", "accuracy_matrix.json", "accuracy_matrix.png", "accuracy_curve.png", "arm.log"}
+
+
+def arm_runs(uri: str, experiment: str) -> mlflow.pandas.DataFrame:
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[experiment])
+    return runs[runs["tags.kind"] != "experiment"].set_index("tags.arm")
+
+
+def test_digits_experiment_is_fully_recorded_in_mlflow(tmp_path: Path, mlflow_uri: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    arms = [digits_arm("finetune", {"name": "finetune"}), digits_arm("joint", {"name": "joint"}),
+            digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 32}})]
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment(arms))
+    assert main([str(path), "--tracking-uri", mlflow_uri, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    parent_id = out.split("parent run ")[1].split()[0]
+    assert "finetune" in out and "cil_bwt" in out  # the side-by-side table
+
+    runs = arm_runs(mlflow_uri, "digits-test")
+    assert set(runs.index) == {"finetune", "joint", "gem"}
+    assert (runs["tags.mlflow.parentRunId"] == parent_id).all()
+    assert (runs["status"] == "FINISHED").all()
+    assert runs["tags.split_hash"].nunique() == 1  # every arm on the identical split
+    for metric in SUMMARY:
+        assert runs[f"metrics.{metric}"].notna().all(), metric
+    for j in range(5):
+        assert runs[f"metrics.cil_acc_task_{j}"].notna().all()
+    assert runs.loc["finetune", "metrics.cil_bwt"] < -0.5  # finetune forgets
+    assert runs.loc["joint", "metrics.cil_bwt"] > -0.1  # joint does not
+    assert runs.loc["gem", "metrics.nme_cil_acc"] > 0
+    assert runs.loc["gem", "params.method.kwargs.n_memories"] == "32"
+    assert runs.loc["gem", "params.split.class_order_resolved"] == str(list(range(10)))
+
+    client = MlflowClient(mlflow_uri)
+    gem_id = runs.loc["gem", "run_id"]
+    assert {a.path for a in client.list_artifacts(gem_id)} == ARTIFACTS
+    matrix = json.loads(Path(client.download_artifacts(gem_id, "accuracy_matrix.json", str(tmp_path))).read_text())
+    cil = np.array(matrix["cil"])
+    assert cil.shape == (5, 5) and ((cil >= 0) & (cil <= 1)).all()
+    assert cil[-1].mean() == pytest.approx(runs.loc["gem", "metrics.cil_acc"])
+    history = client.get_metric_history(gem_id, "cil_acc_task_0")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+    assert len(client.get_metric_history(gem_id, "train_loss")) == 5 * 4  # 5 tasks x 4 epochs
+    fractions = client.get_metric_history(gem_id, "gem_projection_fraction")
+    assert len(fractions) == 5 and all(0 <= m.value <= 1 for m in fractions)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent_id)} >= {"comparison.csv", "experiment_resolved.yaml",
+                                                                  "arms_cil.png"}
+
+
+def test_tracking_none_writes_the_same_record_to_a_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([digits_arm("ft", {"name": "finetune"}, epoch=1)]))
+    assert main([str(path), "--tracking-uri", "none", "--quiet"]) == 0
+    runs = [p.parent for p in (tmp_path / "harness_runs" / "digits-test").glob("*/meta.json")]
+    arm = next(r for r in runs if json.loads((r / "tags.json").read_text()).get("arm") == "ft")
+    keys = {json.loads(line)["key"] for line in (arm / "metrics.jsonl").read_text().splitlines()}
+    assert {"cil_acc", "til_bwt", "task0_acc", "train_loss", "cil_acc_task_4"} <= keys
+    assert json.loads((arm / "params.json").read_text())["method.name"] == "finetune"
+    assert {p.name for p in (arm / "artifacts").iterdir()} == ARTIFACTS
+    assert json.loads((arm / "meta.json").read_text())["status"] == "FINISHED"
+
+
+@needs_cifar
+def test_cifar100_subset_runs_on_cpu(tmp_path: Path, mlflow_uri: str) -> None:
+    """Two tasks of two CIFAR-100 classes (PyCIL order), ResNet-32 with PyCIL's augmentation, one epoch."""
+    arms = [{"name": "gem", "method": {"name": "gem", "kwargs": {"n_memories": 16, "memory_fill": "herding"}},
+             "backbone": {"name": "resnet32"}, "epoch": 1, "batch_size": 64,
+             "optimizer": {"name": "SGD", "kwargs": {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}},
+             "augment": {"crop": 4, "flip": True, "brightness": 0.247}}]
+    raw = digits_experiment(arms, dataset="cifar100", data_root=str(CIFAR100), class_order="seed:1993",
+                            init_cls_num=2, inc_cls_num=2, task_num=2)
+    path = write_yaml(tmp_path / "cifar.yaml", raw)
+    assert main([str(path), "--tracking-uri", mlflow_uri, "--quiet"]) == 0
+    runs = arm_runs(mlflow_uri, "digits-test")
+    gem = runs.loc["gem"]
+    assert gem["params.split.class_order_resolved"].startswith("[68, 56, 78, 8]")
+    assert 0.4 <= gem["metrics.task0_acc"] <= 1.0  # two classes after one epoch: above chance
+    assert gem["metrics.til_acc"] >= 0.4
