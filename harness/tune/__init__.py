@@ -1,0 +1,1 @@
+"""Optuna search over an arm's recipe, every trial recorded in MLflow."""

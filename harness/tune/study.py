@@ -1,0 +1,244 @@
+"""An Optuna study over one arm's recipe, every trial its own MLflow run under the study's parent run.
+
+Trials train on the split's training data minus a held-out validation part (``search.val_fraction`` of each
+class) and are scored on it, never on the test set; a task-0 objective stops after task 0. Each trial
+reports validation accuracy after every epoch so the pruner can stop bad trials early. When the study
+ends, the best recipe is trained once more and scored on the test split: that is the number reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+
+from harness.config.experiment import Experiment, load_experiment
+from harness.engine.runner import build_split, git_commit, split_params
+from harness.engine.trainer import ArmTrainer, resolve_device
+from harness.errors import UserError
+from harness.tracking import Run, Tracker
+from harness.tune.space import TASK0_OBJECTIVES, Dimension, SearchOptions, parse_search
+
+PARENT_ATTR = "mlflow_parent_run_id"
+
+
+@dataclass
+class StudyOutcome:
+    study: optuna.Study
+    best_params: dict[str, Any]
+    best_value: float
+    test_value: float
+    top: pd.DataFrame
+    parent_run_id: str
+    seconds: float
+
+
+def make_sampler(options: SearchOptions) -> optuna.samplers.BaseSampler:
+    seed = options.sampler.get("seed")
+    if options.sampler.get("name", "TPE") == "Random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
+    if options.pruner.get("name", "median") == "none":
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=options.pruner.get("n_startup_trials", 3),
+                                       n_warmup_steps=options.pruner.get("n_warmup_steps", 2))
+
+
+def open_study(name: str, storage: str, options: SearchOptions, attempts: int = 6) -> optuna.Study:
+    """Create or load the study. Processes that start together on an empty database race to create
+    Optuna's tables; the loser gets an integrity error and simply tries again."""
+    import sqlalchemy.exc
+
+    def create() -> optuna.Study:
+        return optuna.create_study(study_name=name, storage=storage, direction=options.direction,
+                                   sampler=make_sampler(options), pruner=make_pruner(options), load_if_exists=True)
+
+    try:
+        for attempt in range(attempts - 1):
+            try:
+                return create()
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.InternalError):
+                time.sleep(0.5 * (attempt + 1))
+        return create()
+    except (optuna.exceptions.OptunaError, ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        raise UserError(f"Optuna storage {storage}: {str(exc).splitlines()[0]}") from None
+
+
+class Tuner:
+    """Builds each trial's experiment from the file, its overrides and the sampled values."""
+
+    def __init__(self, path: str, overrides: list[str], variant: str | None, tracker: Tracker) -> None:
+        self.path, self.overrides, self.variant, self.tracker = path, overrides, variant, tracker
+        base = load_experiment(path, overrides, variant)
+        self.options, self.dims = parse_search(base.search, [a.name for a in base.arms], path)
+        self.base = base
+        self.task0 = self.options.objective in TASK0_OBJECTIVES
+
+    def experiment_for(self, values: dict[str, Any], evaluate_on: str) -> Experiment:
+        arm = self.options.arm
+        # JSON is valid YAML, so sampled values (numbers, whole scheduler blocks) pass as override strings
+        extra = [f"arms.{arm}.{self.dim(n).path}={json.dumps(v)}" for n, v in values.items()]
+        if evaluate_on == "val":
+            extra.append(f"split.val_fraction={self.options.val_fraction}")
+        if self.task0:
+            extra.append("split.task_num=1")
+        return load_experiment(self.path, [*self.overrides, *extra], self.variant)
+
+    def dim(self, name: str) -> Dimension:
+        return next(d for d in self.dims if d.name == name)
+
+    def objective_value(self, summary: dict[str, float]) -> float:
+        if self.options.objective not in summary:
+            raise UserError(f"{self.path}: search.objective: no metric {self.options.objective!r}; "
+                            f"known: {', '.join(sorted(summary))}")
+        return float(summary[self.options.objective])
+
+    def train(self, values: dict[str, Any], run: Run, evaluate_on: str, trial: optuna.Trial | None) -> float:
+        experiment = self.experiment_for(values, evaluate_on)
+        arm = experiment.arm(self.options.arm)
+        split = build_split(experiment)
+        run.log_params({"split": split_params(experiment, split), **arm.to_dict()})
+        run.set_tags({"split_hash": split.digest, "device": str(resolve_device(arm.engine.device))})
+
+        def report(trainer: ArmTrainer, task: int, epoch: int) -> None:
+            if trial is None:
+                return
+            row = trainer.evaluator.accuracy_rows(trainer.method, task)["cil"]
+            sizes = trainer.evaluator.sizes[: task + 1]
+            value = float((row[: task + 1] * sizes).sum() / sizes.sum())  # accuracy on the tasks seen so far
+            step = trainer.state.global_epoch
+            run.log_metrics({"val_intermediate": value}, step)
+            trial.report(value, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {step} (validation accuracy {value:.4f})")
+
+        trainer = ArmTrainer(arm, split, run, None, evaluate_on=evaluate_on,
+                             last_task=0 if self.task0 else None, on_epoch=report)
+        summary = trainer.fit().summary
+        run.log_metrics(summary)
+        return self.objective_value(summary)
+
+
+def _trial_table(study: optuna.Study, top: int = 10) -> pd.DataFrame:
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
+    done = frame[frame["state"] == "COMPLETE"].sort_values("value", ascending=study.direction.name == "MINIMIZE")
+    return done.head(top).reset_index(drop=True)
+
+
+def _log_visualizations(study: optuna.Study, parent: Run, folder: Path) -> list[str]:
+    """Optuna's plots (importances need two finished trials) as PNG artifacts; returns what was saved."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    saved = []
+    plots = {"optimization_history": ov.plot_optimization_history, "parallel_coordinate": ov.plot_parallel_coordinate,
+             "param_importances": ov.plot_param_importances}
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for name, plot in plots.items():
+        if name == "param_importances" and len(complete) < 2:
+            continue
+        try:
+            axes = plot(study)
+        except (ValueError, RuntimeError) as exc:  # e.g. a single distinct value: Optuna cannot draw it
+            print(f"skipped {name} plot: {exc}")
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        path = folder / f"{name}.png"
+        figure.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        parent.log_artifact(path, "optuna")
+        saved.append(name)
+    return saved
+
+
+def _parent_run(tracker: Tracker, study: optuna.Study, tuner: Tuner, storage: str) -> Run:
+    """One MLflow parent per study, shared by every process that works on it (its id is a study attr)."""
+    existing = study.user_attrs.get(PARENT_ATTR)
+    if existing:
+        return tracker.reopen(existing)
+    parent = tracker.start(f"study:{study.study_name}", {
+        "kind": "study", "study": study.study_name, "storage": storage, "experiment_file": str(Path(tuner.path).resolve()),
+        "objective": tuner.options.objective, "direction": tuner.options.direction, "git_commit": git_commit()})
+    parent.log_params({"search": {"arm": tuner.options.arm, "space": {d.name: {d.kind: d.args} for d in tuner.dims},
+                                  "val_fraction": tuner.options.val_fraction}})
+    study.set_user_attr(PARENT_ATTR, parent.run_id)
+    return parent
+
+
+def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str, study_name: str | None = None,
+              n_trials: int | None = None, timeout: float | None = None, variant: str | None = None,
+              enqueue: list[dict[str, Any]] | None = None, rerun_best: bool = True) -> StudyOutcome:
+    """Run (or continue) the study; several processes with the same storage and name share it."""
+    started = time.monotonic()
+    tuner = Tuner(path, overrides, variant, tracker)
+    options = tuner.options
+    name = study_name or options.study or tuner.base.name
+    study = open_study(name, storage, options)
+    parent = _parent_run(tracker, study, tuner, storage)
+    for params in enqueue or []:
+        study.enqueue_trial(params)
+
+    def objective(trial: optuna.Trial) -> float:
+        values = {d.name: d.suggest(trial) for d in tuner.dims}
+        run = tracker.start(f"trial {trial.number}", {"kind": "trial", "study": name, "trial": trial.number,
+                                                      "arm": options.arm}, parent=parent)
+        run.log_params({"trial": {k: v for k, v in values.items()}})
+        try:
+            value = tuner.train(values, run, "val", trial)
+            if not math.isfinite(value):
+                raise UserError(f"trial {trial.number}: objective is {value}")
+        except optuna.TrialPruned:
+            run.set_tags({"state": "PRUNED"})
+            run.end("KILLED")
+            raise
+        except Exception as exc:
+            run.set_tags({"state": "FAIL", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            run.end("FAILED")
+            raise
+        run.log_metrics({"objective": value})
+        run.set_tags({"state": "COMPLETE"})
+        run.end("FINISHED")
+        return value
+
+    study.optimize(objective, n_trials=n_trials or options.n_trials, timeout=timeout or options.timeout,
+                   catch=(Exception,), gc_after_trial=True)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        parent.end("FAILED")
+        raise UserError(f"study {name}: no trial completed (see the trial runs' 'error' tags in MLflow)")
+    best = study.best_trial
+    test_value = math.nan
+    if rerun_best:
+        rerun = tracker.start("best recipe on test", {"kind": "best_rerun", "study": name, "trial": best.number,
+                                                      "arm": options.arm}, parent=parent)
+        rerun.log_params({"trial": best.params})
+        test_value = tuner.train({n: tuner.dim(n).decode(v) for n, v in best.params.items()}, rerun, "test", None)
+        rerun.log_metrics({"objective_test": test_value})
+        rerun.end("FINISHED")
+    top = _trial_table(study)
+    seconds = time.monotonic() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "top_trials.csv"
+        top.to_csv(table, index=False)
+        parent.log_artifact(table)
+        _log_visualizations(study, parent, Path(tmp))
+    parent.log_metrics({"best_value": study.best_value, "best_test_value": test_value, "n_trials": len(study.trials),
+                        "wall_seconds": seconds})
+    parent.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
+    parent.end("FINISHED")
+    return StudyOutcome(study, best.params, study.best_value, test_value, top, parent.run_id, seconds)
