@@ -150,9 +150,10 @@ class PyCILGEM(Method):
 
     def state_dict(self) -> dict[str, Any]:
         return {"exemplars": {str(c): v for c, v in self.exemplars.items()}, "means": self.means,
-                "memory": [list(m) for m in self.memory]}
+                "memory": [list(m) for m in self.memory], "counts": [self.steps, self.projections, self.retries]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.exemplars = {int(c): v for c, v in state["exemplars"].items()}
         self.means = state["means"]
         self.memory = [tuple(m) for m in state["memory"]]
+        self.steps, self.projections, self.retries = state["counts"]

@@ -19,7 +19,7 @@ from harness.engine.progress import Progress
 from harness.engine.runner import ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
 from harness.engine.trainer import Interrupted
 from harness.errors import UserError
-from harness.tracking import Run, RunInfo, Tracker, flatten, make_tracker
+from harness.tracking import Run, RunInfo, Tracker, make_tracker
 
 RESOLVED = "experiment.json"
 
@@ -104,9 +104,23 @@ def start(args: argparse.Namespace) -> int:
     return 0
 
 
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted paths to every scalar, arms addressed by name as in overrides (``arms.gem.epoch``)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = ((item.get("name", i) if isinstance(item, dict) else i, item) for i, item in enumerate(tree))
+    else:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(leaves(value, f"{prefix}{key}."))
+    return out or {prefix: tree}
+
+
 def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    a, b = flatten(before), flatten(after)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    a, b = leaves(before), leaves(after)
+    return sorted(k.rstrip(".") for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
 def resume(args: argparse.Namespace) -> int:

@@ -78,14 +78,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(state: dict[str, Any], folder: Path) -> Path:
     """Write atomically: the previous checkpoint stays in place until the new file is complete."""
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / CHECKPOINT
     tmp = folder / f".{CHECKPOINT}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as exc:
+        raise UserError(f"{folder}: checkpoint folder is not writable ({exc.strerror or exc})") from None
     return path
 
 

@@ -95,11 +95,13 @@ class EpisodicMethod(Method):
         return {f"{self.name}_projection_fraction": float(self.projections) / max(self.steps, 1)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"memory": self.memory.state_dict(), "means": self.means}
+        return {"memory": self.memory.state_dict(), "means": self.means, "steps": self.steps,
+                "projections": self.projections}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.memory.load_state_dict(state["memory"])
         self.means = state["means"]
+        self.steps, self.projections = state["steps"], state["projections"]
 
 
 class GEM(EpisodicMethod):
@@ -150,6 +152,13 @@ class GEM(EpisodicMethod):
 
     def task_metrics(self) -> dict[str, float]:
         return {**super().task_metrics(), "gem_qp_unconverged": float(self.unconverged)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "unconverged": self.unconverged}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.unconverged = state["unconverged"]
 
 
 class AGEM(EpisodicMethod):

@@ -8,6 +8,7 @@ experiment can log into the same runs again.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -126,6 +127,8 @@ class MlflowTracker(Tracker):
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
 
+        # MLflow announces schema creation and migrations at INFO on stderr; errors stay one clear line.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
         self._Metric, self._Param, self._RunTag = Metric, Param, RunTag
         self.uri, self.description = uri, f"MLflow at {uri}"
         self.client = MlflowClient(tracking_uri=uri)

@@ -1,0 +1,218 @@
+"""Interrupted runs resume exactly; bad inputs fail with one line and exit code 2; nothing finished is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from harness.engine.trainer import load_checkpoint, save_checkpoint
+from harness.errors import UserError
+from harness.run import main
+from tests.conftest import CIFAR100, MNIST, ROOT, digits_arm, digits_experiment, needs_cifar, write_yaml
+
+ARMS = [digits_arm("finetune", {"name": "finetune"}, epoch=2),
+        digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 32}}, epoch=5, batch_size=8),
+        digits_arm("joint", {"name": "joint"}, epoch=2)]
+
+
+def matrices(uri: str, experiment: str, parent_id: str) -> dict[str, dict]:
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    out = {}
+    for _, run in runs.iterrows():
+        folder = Path(client.download_artifacts(run["run_id"], "accuracy_matrix.json"))
+        out[run["tags.arm"]] = {"matrix": json.loads(folder.read_text()), "status": run["status"],
+                                "run_id": run["run_id"]}
+    return out
+
+
+def _checkpoint_in_task(store: Path, task: int) -> bool:
+    for path in store.rglob("checkpoints/last.pt"):
+        try:
+            loop = torch.load(path, weights_only=True)["loop"]
+        except Exception:  # a checkpoint being replaced right now
+            continue
+        if loop["task"] == task and loop["epoch"] >= 2:
+            return True
+    return False
+
+
+def _start(path: Path, uri: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "harness.run", str(path), "--tracking-uri", uri, "--quiet"],
+                            cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _interrupt_in_gem_task_2(proc: subprocess.Popen, store: Path, sig: int) -> None:
+    deadline = time.monotonic() + 300
+    while not _checkpoint_in_task(store, 2):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint in task 2"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: int) -> None:
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment(ARMS))
+    reference_uri = f"sqlite:///{tmp_path / 'ref' / 'mlflow.db'}"
+    assert main([str(path), "--tracking-uri", reference_uri, "--quiet"]) == 0
+    reference_parent = MlflowClient(reference_uri).search_runs(
+        [MlflowClient(reference_uri).get_experiment_by_name("digits-test").experiment_id],
+        "tags.kind = 'experiment'")[0].info.run_id
+
+    store = tmp_path / "int"
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    proc = _start(path, uri)
+    _interrupt_in_gem_task_2(proc, store, sig)
+    out, err = proc.communicate(timeout=120)
+    parent_id = out.split("parent run ")[1].split()[0]
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "harness.run --resume" in err
+        assert MlflowClient(uri).get_run(parent_id).info.status == "KILLED"
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    before = {r.data.tags["arm"]: r for r in MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}
+    assert before["finetune"].info.status == "FINISHED" and "joint" not in before
+    assert "harness.run --resume" in before["gem"].data.tags["resume_hint"]
+    # the tasks finished before the interruption are already in MLflow
+    assert len(MlflowClient(uri).get_metric_history(before["gem"].info.run_id, "cil_acc_task_0")) >= 2
+
+    assert main(["--resume", parent_id, "--tracking-uri", uri, "--quiet"]) == 0
+    resumed = matrices(uri, "digits-test", parent_id)
+    reference = matrices(reference_uri, "digits-test", reference_parent)
+    assert set(resumed) == {"finetune", "gem", "joint"}
+    assert resumed["gem"]["run_id"] == before["gem"].info.run_id  # same run, continued
+    assert resumed["finetune"]["run_id"] == before["finetune"].info.run_id  # kept, not retrained
+    for arm in resumed:
+        assert resumed[arm]["status"] == "FINISHED"
+        assert resumed[arm]["matrix"] == reference[arm]["matrix"], arm  # exact equality
+    assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"
+
+
+def _expect_exit_2(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_resume_refuses_a_changed_experiment_file_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
+    # a run that diverges at once leaves a resumable parent; then the file is edited
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([digits_arm(
+        "a", {"name": "finetune"}, epoch=1, optimizer={"name": "SGD", "kwargs": {"lr": 1e12}})]))
+    err = _expect_exit_2([str(path), "--tracking-uri", uri, "--quiet"], capsys, "non-finite loss", "arm 'a'", "task 0",
+                         "epoch 0", "step")
+    assert "last good checkpoint" in err
+    parent = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("digits-test").experiment_id],
+                                           "tags.kind = 'experiment'")[0]
+    assert parent.info.status == "FAILED"
+    write_yaml(path, digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=2)]))
+    _expect_exit_2(["--resume", parent.info.run_id, "--tracking-uri", uri], capsys, "changed since run",
+                   "arms.a.epoch", "arms.a.optimizer.kwargs.lr", "--force")
+    assert main(["--resume", parent.info.run_id, "--tracking-uri", uri, "--force", "--quiet"]) == 0
+    capsys.readouterr()
+    _expect_exit_2(["--resume", parent.info.run_id, "--tracking-uri", uri], capsys, "already finished")
+    _expect_exit_2(["--resume", "0123456789abcdef", "--tracking-uri", uri], capsys, "no run")
+
+
+def test_checkpoints_load_weights_only_and_a_malicious_file_is_never_executed(tmp_path: Path) -> None:
+    state = {"loop": {"task": 1}, "net": {"w": torch.ones(3)}, "rng": {"python": (3, tuple(range(5)), None)}}
+    save_checkpoint(state, tmp_path)
+    assert torch.equal(load_checkpoint(tmp_path)["net"]["w"], torch.ones(3))
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file was renamed into place
+    marker = tmp_path / "executed"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "last.pt", "wb") as f:
+        pickle.dump({"loop": Payload()}, f)
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+    (tmp_path / "last.pt").write_bytes(b"\x00truncated")
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        load_checkpoint(tmp_path)
+
+
+def test_unwritable_checkpoint_folder_and_mlflow_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match="checkpoint folder is not writable"):
+        save_checkpoint({"x": 1}, blocker / "checkpoints")
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=1)]))
+    _expect_exit_2([str(path), "--tracking-uri", f"sqlite:///{blocker}/mlflow.db"], capsys, str(blocker),
+                   "MLflow store is not writable")
+    _expect_exit_2([str(path), "--tracking-uri", "none", "tracking.local_dir=" + str(blocker / "runs")], capsys,
+                   "cannot create the run folder")
+
+
+def test_truncated_mnist_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw_dir = tmp_path / "MNIST" / "raw"
+    raw_dir.mkdir(parents=True)
+    for f in (MNIST / "MNIST" / "raw").iterdir():
+        shutil.copy(f, raw_dir / f.name)
+    labels = raw_dir / "t10k-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:5000])
+    raw = digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=1)], dataset="mnist", data_root=str(tmp_path))
+    path = write_yaml(tmp_path / "exp.yaml", raw)
+    _expect_exit_2([str(path), "--dry-run"], capsys, str(labels), "truncated")
+
+
+def test_missing_mnist_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "MNIST" / "raw").mkdir(parents=True)
+    raw = digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=1)], dataset="mnist", data_root=str(tmp_path))
+    path = write_yaml(tmp_path / "exp.yaml", raw)
+    _expect_exit_2([str(path), "--dry-run"], capsys, "missing MNIST file")
+
+
+def test_corrupt_cifar_pickle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    (folder / "train").write_bytes(b"\x80\x04garbage")
+    (folder / "test").write_bytes(b"")
+    raw = digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=1)], dataset="cifar100",
+                            data_root=str(tmp_path), init_cls_num=20, inc_cls_num=20)
+    path = write_yaml(tmp_path / "exp.yaml", raw)
+    _expect_exit_2([str(path), "--dry-run"], capsys, str(folder / "train"), "corrupt CIFAR file")
+
+
+@needs_cifar
+def test_corrupt_image_and_missing_class_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    names = sorted(p.name for p in (CIFAR100 / "train").iterdir())
+    for split in ("train", "test"):
+        for name in names[:2]:
+            shutil.copytree(CIFAR100 / split / name, tmp_path / split / name)
+        for name in names[2:]:
+            (tmp_path / split / name).mkdir(parents=True)
+    broken = tmp_path / "train" / names[1] / "99999.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    raw = digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=1)], dataset="cifar100",
+                            data_root=str(tmp_path), class_order=list(range(100)), init_cls_num=1, inc_cls_num=1,
+                            task_num=2)
+    path = write_yaml(tmp_path / "exp.yaml", raw)
+    _expect_exit_2([str(path), "--dry-run"], capsys, str(broken), "cannot decode image")
+    broken.unlink()
+    shutil.rmtree(tmp_path / "test" / names[0])
+    _expect_exit_2([str(path), "--dry-run"], capsys, names[0], "missing class folder")
+    shutil.rmtree(tmp_path / "train" / names[5])
+    _expect_exit_2([str(path), "--dry-run"], capsys, "99 class folders")
