@@ -182,8 +182,6 @@ class ArmTrainer:
         self.channels_last = bool(channels_last) and arm.backbone.name != "mlp"
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        if engine.cuda_graph and self.device.type != "cuda":
-            self.progress.note(f"{arm.name}: engine.cuda_graph needs a CUDA device; running eagerly")
         train_t = BatchTransform(arm.augment, dataset.mean, dataset.std, self.device)
         eval_t = BatchTransform(dataclasses.replace(arm.augment, crop=0, flip=False, brightness=0.0),
                                 dataset.mean, dataset.std, self.device)
