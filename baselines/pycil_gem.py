@@ -81,7 +81,7 @@ class PyCILGEM(Method):
     def before_task(self, task: int) -> None:
         super().before_task(task)
         self.steps = self.projections = self.retries = 0
-        lo, hi = self.ctx.split.offsets[task], self.ctx.split.offsets[task + 1]
+        lo, hi = self.ctx.split.bounds[task]
         fresh = nn.Linear(self.net.head.in_features, hi - lo).to(self.ctx.device)
         with torch.no_grad():
             self.net.head.weight[lo:hi] = fresh.weight
@@ -90,16 +90,14 @@ class PyCILGEM(Method):
 
     def _augmented_memory(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task k's exemplars through the training transform, once for the whole task."""
-        offsets = self.ctx.split.offsets
-        index = torch.cat([self.exemplars[c] for c in range(offsets[k], offsets[k + 1])])
+        index = torch.cat([self.exemplars[c] for c in range(*self.ctx.split.bounds[k])])
         return self.ctx.train_transform(self.ctx.train_images[index], train=True), self.ctx.train_labels[index]
 
     def observe(self, batch: Batch, optimizer: torch.optim.Optimizer) -> StepResult:
-        offsets = self.ctx.split.offsets
         past = []
         for k, (inputs, labels) in enumerate(self.memory):
             self.net.zero_grad(set_to_none=False)
-            logits = restrict_logits(self.net(inputs), offsets[k], offsets[k + 1])
+            logits = restrict_logits(self.net(inputs), *self.ctx.split.bounds[k])
             nn.functional.cross_entropy(logits, labels).backward()
             past.append(flat_gradient(self.params).clone())
         optimizer.zero_grad(set_to_none=False)
@@ -117,19 +115,17 @@ class PyCILGEM(Method):
         return StepResult(loss.detach(), correct)
 
     def bounds(self, data_task: int) -> tuple[int, int]:
-        offsets = self.ctx.split.offsets
-        return offsets[data_task], offsets[data_task + 1]
+        return self.ctx.split.bounds[data_task]
 
     def after_task(self, task: int) -> None:
         """Herd exemplars for the new classes and shrink the old classes to the new per-class quota."""
-        offsets = self.ctx.split.offsets
-        quota = self.options.memory_size // offsets[task + 1]
+        quota = self.options.memory_size // self.ctx.split.seen_classes(task)
         for c in self.exemplars:
             self.exemplars[c] = self.exemplars[c][:quota]
         index = self.ctx.split.tasks[task].train.to(self.ctx.device)
         feats = embed(self.net, self.ctx.train_images[index], self.ctx.eval_transform)
         labels = self.ctx.train_labels[index]
-        for c in range(offsets[task], offsets[task + 1]):
+        for c in range(*self.ctx.split.bounds[task]):
             members = torch.nonzero(labels == c).flatten()
             self.exemplars[c] = index[members[herding_selection(feats[members], quota)]]
         every = torch.cat(list(self.exemplars.values()))

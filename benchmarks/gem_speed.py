@@ -26,13 +26,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baselines.pycil_gem import PyCILGEM  # noqa: E402
-from harness.data.augment import AugmentOptions, BatchTransform  # noqa: E402
-from harness.data.datasets import ImageDataset  # noqa: E402
-from harness.data.split import Split, make_split  # noqa: E402
-from harness.gem.method import GEM  # noqa: E402
-from harness.methods.base import Batch, Context, Method  # noqa: E402
-from harness.models import build_network  # noqa: E402
+from baselines.pycil_gem import PyCILGEM
+from harness.data.augment import AugmentOptions, BatchTransform
+from harness.data.datasets import ImageDataset
+from harness.data.split import Split, make_split
+from harness.gem.method import GEM
+from harness.methods.base import Batch, Context, Method
+from harness.models import build_network
 
 CLASSES_PER_TASK = 10
 

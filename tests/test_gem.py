@@ -47,8 +47,9 @@ def test_ring_write_of_a_batch_larger_than_memory_keeps_its_tail() -> None:
 
 @pytest.mark.parametrize("mask, expected", [("task", (4, 6)), ("seen", (0, 6)), ("none", (0, 10))])
 def test_each_mask_exposes_exactly_its_logits(mask: str, expected: tuple[int, int]) -> None:
-    offsets = [0, 2, 4, 6, 8, 10]
-    assert mask_bounds(mask, 2, 2, offsets) == expected
+    split = trainer_for([digits_arm("a", {"name": "finetune"})], "a").split
+    assert split.offsets == [0, 2, 4, 6, 8, 10]
+    assert mask_bounds(mask, 2, 2, split) == expected
     logits = torch.randn(5, 10, requires_grad=True)
     labels = torch.full((5,), 5)
     torch.nn.functional.cross_entropy(restrict_logits(logits, *expected), labels).backward()

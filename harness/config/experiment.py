@@ -27,7 +27,9 @@ from harness.methods import EPISODIC_METHODS, METHODS, method_class
 from harness.models import BACKBONES, LIBCONTINUAL_BACKBONE_KEYS, build_backbone
 
 TOP_KEYS = ("name", "description", "split", "arms", "tracking", "engine", "search", "variants")
-SPLIT_KEYS = ("dataset", "data_root", "class_order", "init_cls_num", "inc_cls_num", "task_num", "seed", "val_fraction")
+SPLIT_KEYS = ("dataset", "data_root", "class_order", "init_cls_num", "inc_cls_num", "task_num", "seed", "val_fraction",
+              "protocol", "samples_per_task")
+PROTOCOLS = ("class_incremental", "permutations", "rotations")
 ARM_KEYS = ("name", "config", "method", "backbone", "epoch", "init_epoch", "batch_size", "optimizer",
             "init_optimizer", "lr_scheduler", "init_lr_scheduler", "warmup", "augment", "engine")
 # LibContinual keys an arm file may carry. Split keys must agree with ``split:``; ``workers``, ``seed`` and
@@ -68,6 +70,8 @@ class SplitSpec:
     task_num: int
     seed: int
     val_fraction: float
+    protocol: str = "class_incremental"
+    samples_per_task: int | None = None
 
     @property
     def offsets(self) -> list[int]:
@@ -176,10 +180,25 @@ def _parse_split(raw: Any, source: str) -> SplitSpec:
         raise ConfigError(f"unknown dataset {dataset!r}{did_you_mean(dataset, DATASETS)}; known: {', '.join(DATASETS)}",
                           key="split.dataset", source=source)
     info = DATASETS[dataset]
-    init = _positive_int(raw, "init_cls_num", "split", source)
-    inc = _positive_int(raw, "inc_cls_num", "split", source, default=init)
+    protocol = raw.get("protocol", "class_incremental")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"must be one of {', '.join(PROTOCOLS)}, not {protocol!r}{did_you_mean(str(protocol), PROTOCOLS)}",
+                          key="split.protocol", source=source)
+    domain = protocol != "class_incremental"
+    samples = raw.get("samples_per_task")
+    if samples is not None:
+        if not domain:
+            raise ConfigError("only applies to the permutations and rotations protocols", key="split.samples_per_task",
+                              source=source)
+        samples = _positive_int(raw, "samples_per_task", "split", source)
+    # Domain-incremental tasks all have every class: no new classes arrive after the first task.
+    init = _positive_int(raw, "init_cls_num", "split", source, default=info.num_classes if domain else None)
+    inc = _positive_int(raw, "inc_cls_num", "split", source, default=0 if domain else init, minimum=0 if domain else 1)
+    if domain and (init != info.num_classes or inc != 0):
+        raise ConfigError(f"the {protocol} protocol gives every task all {info.num_classes} classes: init_cls_num "
+                          f"{info.num_classes}, inc_cls_num 0", key="split.inc_cls_num", source=source)
     tasks = _positive_int(raw, "task_num", "split", source,
-                          default=1 + max(0, (info.num_classes - init) // inc))
+                          default=20 if domain else 1 + max(0, (info.num_classes - init) // inc))
     needed = init + inc * (tasks - 1)
     if needed > info.num_classes:
         raise ConfigError(f"init_cls_num {init} + inc_cls_num {inc} x (task_num {tasks} - 1) = {needed} classes, "
@@ -213,7 +232,7 @@ def _parse_split(raw: Any, source: str) -> SplitSpec:
     _typed(val_fraction, (int, float), "split.val_fraction", source)
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"must be in [0, 1), not {val_fraction}", key="split.val_fraction", source=source)
-    return SplitSpec(dataset, data_root, order, init, inc, tasks, seed, float(val_fraction))
+    return SplitSpec(dataset, data_root, order, init, inc, tasks, seed, float(val_fraction), protocol, samples)
 
 
 def _block(raw: Any, key: str, source: str, known: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:
@@ -319,6 +338,9 @@ def _parse_arm(raw: Any, index: int, split: SplitSpec, engine: dict[str, Any], e
         raise ConfigError("is required (or a LibContinual classifier block)", key="method", source=source)
 
     method_name, method_kwargs = _block(merged["method"], "method", source, METHODS, "method")
+    if method_name == "pycil_gem" and split.protocol != "class_incremental":
+        raise ConfigError("PyCIL's GEM keeps per-class exemplars of a class-incremental split; use gem for the "
+                          f"{split.protocol} protocol", key="method.name", source=source)
     options = build_options(method_class(method_name).Options, method_kwargs, key="method.kwargs", source=source)
     buffer = merged.get("buffer") or {}
     buffer_size = (buffer.get("kwargs") or {}).get("buffer_size", 0) if isinstance(buffer, dict) else 0

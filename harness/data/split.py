@@ -40,8 +40,15 @@ class TaskData:
     test: torch.Tensor
 
 
+CLASS_INCREMENTAL = "class_incremental"
+
+
 @dataclass
 class Split:
+    """Tasks of a split. In the class-incremental protocol task t owns the labels ``offsets[t]:offsets[t+1]``;
+    in the domain-incremental protocols (``permutations``, ``rotations``) every task has every class and
+    tasks differ by how their inputs are transformed."""
+
     dataset: ImageDataset
     order: list[int]
     offsets: list[int]
@@ -49,6 +56,7 @@ class Split:
     train_y: torch.Tensor
     test_y: torch.Tensor
     digest: str
+    protocol: str = CLASS_INCREMENTAL
 
     @property
     def num_tasks(self) -> int:
@@ -58,13 +66,28 @@ class Split:
     def num_classes(self) -> int:
         return self.offsets[-1]
 
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        """The label range each task's examples belong to (its own logits, for task masks and TIL)."""
+        if self.protocol == CLASS_INCREMENTAL:
+            return [(self.offsets[t], self.offsets[t + 1]) for t in range(self.num_tasks)]
+        return [(0, self.num_classes)] * self.num_tasks
+
+    def seen_classes(self, t: int) -> int:
+        """Labels 0..n-1 are the classes seen once task t has been trained."""
+        return self.offsets[t + 1] if self.protocol == CLASS_INCREMENTAL else self.num_classes
+
+    def label_bounds(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per example, the label range of the task its label belongs to."""
+        edges = torch.tensor(self.offsets if self.protocol == CLASS_INCREMENTAL else [0, self.num_classes],
+                             device=labels.device)
+        owner = torch.bucketize(labels, edges[1:], right=True)
+        return edges[owner], edges[owner + 1]
+
     def task_classes(self, t: int) -> list[int]:
         """Dataset class indices of task ``t``."""
-        return self.order[self.offsets[t] : self.offsets[t + 1]]
-
-    def task_of_label(self) -> torch.Tensor:
-        """For every remapped label, the task that owns it."""
-        return torch.repeat_interleave(torch.arange(self.num_tasks), torch.tensor(np.diff(self.offsets)))
+        lo, hi = self.bounds[t]
+        return self.order[lo:hi]
 
 
 def _remap(labels: torch.Tensor, order: list[int], size: int) -> torch.Tensor:
@@ -99,16 +122,23 @@ def _digest(dataset: ImageDataset, order: list[int], offsets: list[int], tasks: 
 
 
 def make_split(dataset: ImageDataset, order: list[int], offsets: list[int], *, val_fraction: float = 0.0,
-               seed: int = 0) -> Split:
-    """Build every task's train/val/test indices; training indices keep the dataset's original order."""
+               seed: int = 0, protocol: str = CLASS_INCREMENTAL,
+               blocks: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Split:
+    """Build every task's train/val/test indices; training indices keep the dataset's original order.
+
+    Class-incremental tasks take the examples of their label range; domain-incremental tasks take the
+    given ``blocks`` (per task: train indices, test indices)."""
     size = max(int(dataset.train_y.max()), int(dataset.test_y.max()), max(order)) + 1
     train_y, test_y = _remap(dataset.train_y, order, size), _remap(dataset.test_y, order, size)
     tasks = []
     for t in range(len(offsets) - 1):
-        lo, hi = offsets[t], offsets[t + 1]
-        train = torch.nonzero((train_y >= lo) & (train_y < hi)).flatten()
-        test = torch.nonzero((test_y >= lo) & (test_y < hi)).flatten()
+        if blocks is not None:
+            train, test = blocks[t]
+        else:
+            lo, hi = offsets[t], offsets[t + 1]
+            train = torch.nonzero((train_y >= lo) & (train_y < hi)).flatten()
+            test = torch.nonzero((test_y >= lo) & (test_y < hi)).flatten()
         train, val = _holdout(train, train_y, val_fraction, seed + t)
         tasks.append(TaskData(train, val, test))
     digest = _digest(dataset, order, offsets, tasks, train_y, test_y)
-    return Split(dataset, order, offsets, tasks, train_y, test_y, digest)
+    return Split(dataset, order, offsets, tasks, train_y, test_y, digest, protocol)

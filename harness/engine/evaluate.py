@@ -25,7 +25,9 @@ class Evaluator:
         self.images = images[order].to(device)
         self.labels = labels[order].to(device)
         self.task = torch.repeat_interleave(torch.arange(len(index)), torch.tensor([len(i) for i in index])).to(device)
-        self.offsets = torch.tensor(split.offsets, device=device)
+        self.lo = torch.tensor([b[0] for b in split.bounds], device=device)
+        self.hi = torch.tensor([b[1] for b in split.bounds], device=device)
+        self.seen = torch.tensor([split.seen_classes(t) for t in range(split.num_tasks)], device=device)
         self.batch_size = batch_size
 
     @torch.no_grad()
@@ -52,8 +54,8 @@ class Evaluator:
         for name, scores in self.scores(method).items():
             prefix = "" if name == "cnn" else f"{name}_"
             horizon = torch.clamp(self.task, min=max(trained, 0))
-            cil = restrict_logits(scores, 0, self.offsets[horizon + 1]).argmax(1) == self.labels
-            til = restrict_logits(scores, self.offsets[self.task], self.offsets[self.task + 1]).argmax(1) == self.labels
+            cil = restrict_logits(scores, 0, self.seen[horizon]).argmax(1) == self.labels
+            til = restrict_logits(scores, self.lo[self.task], self.hi[self.task]).argmax(1) == self.labels
             rows[f"{prefix}cil"] = self._task_accuracy(cil)
             rows[f"{prefix}til"] = self._task_accuracy(til)
         return rows

@@ -17,6 +17,7 @@ import yaml
 
 from harness.config.experiment import ArmRecipe, Experiment
 from harness.data.datasets import DATASETS, load_dataset
+from harness.data.domains import expand_tasks
 from harness.data.split import Split, class_order, make_split
 from harness.engine.progress import Progress
 from harness.engine.trainer import ArmResult, ArmTrainer, load_checkpoint, resolve_device
@@ -45,7 +46,11 @@ def build_split(experiment: Experiment) -> Split:
     order = class_order(spec.class_order, DATASETS[spec.dataset].num_classes)
     used = order[: spec.offsets[-1]]
     dataset = load_dataset(spec.dataset, spec.data_root, used)
-    return make_split(dataset, used, spec.offsets, val_fraction=spec.val_fraction, seed=spec.seed)
+    blocks = None
+    if spec.protocol != "class_incremental":
+        dataset, blocks = expand_tasks(dataset, spec.protocol, spec.task_num, spec.samples_per_task, spec.seed)
+    return make_split(dataset, used, spec.offsets, val_fraction=spec.val_fraction, seed=spec.seed,
+                      protocol=spec.protocol, blocks=blocks)
 
 
 def split_params(experiment: Experiment, split: Split) -> dict[str, Any]:

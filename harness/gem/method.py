@@ -17,7 +17,7 @@ from torch import nn
 from harness.config.options import opt
 from harness.gem.memory import EpisodicMemory, herding_selection, per_class_quota
 from harness.gem.qp import gradient_projection
-from harness.methods.base import Batch, Context, Method, StepResult, TrainMask, own_task_bounds, restrict_logits
+from harness.methods.base import Batch, Context, Method, StepResult, TrainMask, restrict_logits
 from harness.methods.nme import class_means, embed, nme_scores
 
 MemoryFill = Literal["ring", "random", "herding"]
@@ -180,7 +180,7 @@ class AGEM(EpisodicMethod):
         pick = torch.randperm(len(images), device=images.device)[: self.options.sample_size]
         images, labels = images[pick], labels[pick]
         if self.options.train_mask == "task":
-            lo, hi = own_task_bounds(labels, self.ctx.split.offsets)
+            lo, hi = self.ctx.split.label_bounds(labels)
         else:
             lo, hi = self.bounds(self.task)
         self.net.zero_grad(set_to_none=False)

@@ -22,7 +22,7 @@ TrainMask = Literal["task", "seen", "none"]
 @dataclass
 class Batch:
     """``images``: raw uint8 as stored; ``inputs``: augmented, normalised network input; ``labels``:
-    remapped labels (task t owns ``offsets[t]:offsets[t+1]``)."""
+    remapped labels (``split.bounds[t]`` is task t's label range)."""
 
     images: torch.Tensor
     inputs: torch.Tensor
@@ -51,23 +51,16 @@ def restrict_logits(logits: torch.Tensor, lo: int | torch.Tensor, hi: int | torc
     return logits.masked_fill((classes < lo_t) | (classes >= hi_t), float("-inf"))
 
 
-def own_task_bounds(labels: torch.Tensor, offsets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per example, the logit range of the task that owns its label (task masks on mixed-task batches)."""
-    edges = torch.tensor(offsets, device=labels.device)
-    owner = torch.bucketize(labels, edges[1:], right=True)
-    return edges[owner], edges[owner + 1]
-
-
-def mask_bounds(mask: TrainMask, task: int, current: int, offsets: list[int]) -> tuple[int, int]:
+def mask_bounds(mask: TrainMask, task: int, current: int, split: Split) -> tuple[int, int]:
     """Logit range a loss on task ``task``'s data sees while training task ``current``.
 
     ``task``: only that task's own classes (the original GEM and PyCIL); ``seen``: every class seen so far
     (class-incremental training); ``none``: all classes of the split."""
     if mask == "task":
-        return offsets[task], offsets[task + 1]
+        return split.bounds[task]
     if mask == "seen":
-        return 0, offsets[current + 1]
-    return 0, offsets[-1]
+        return 0, split.seen_classes(current)
+    return 0, split.num_classes
 
 
 @dataclass
@@ -96,7 +89,7 @@ class Method:
         self.task = task
 
     def bounds(self, data_task: int) -> tuple[int, int]:
-        return mask_bounds(self.options.train_mask, data_task, self.task, self.ctx.split.offsets)
+        return mask_bounds(self.options.train_mask, data_task, self.task, self.ctx.split)
 
     def loss_and_correct(self, inputs: torch.Tensor, labels: torch.Tensor, data_task: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = restrict_logits(self.net(inputs), *self.bounds(data_task))
@@ -146,5 +139,5 @@ class Joint(Method):
     def loss_and_correct(self, inputs: torch.Tensor, labels: torch.Tensor, data_task: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.options.train_mask != "task":
             return super().loss_and_correct(inputs, labels, data_task)
-        logits = restrict_logits(self.net(inputs), *own_task_bounds(labels, self.ctx.split.offsets))
+        logits = restrict_logits(self.net(inputs), *self.ctx.split.label_bounds(labels))
         return nn.functional.cross_entropy(logits, labels), (logits.argmax(1) == labels).sum()
