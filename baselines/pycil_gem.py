@@ -37,10 +37,10 @@ import torch
 from torch import nn
 
 from harness.config.options import opt
-from harness.gem.memory import herding_selection
+from harness.gem.memory import herd_by_class
 from harness.gem.method import assign_flat_gradient, flat_gradient
 from harness.methods.base import Batch, Context, Method, StepResult, restrict_logits
-from harness.methods.nme import class_means, embed, nme_scores
+from harness.methods.nme import class_means, cnn_and_nme_scores, embed
 
 
 def quadprog_projection(g: torch.Tensor, G: torch.Tensor, margin: float) -> tuple[torch.Tensor, bool]:
@@ -124,20 +124,14 @@ class PyCILGEM(Method):
             self.exemplars[c] = self.exemplars[c][:quota]
         index = self.ctx.split.tasks[task].train.to(self.ctx.device)
         feats = embed(self.net, self.ctx.train_images[index], self.ctx.eval_transform)
-        labels = self.ctx.train_labels[index]
-        for c in range(*self.ctx.split.bounds[task]):
-            members = torch.nonzero(labels == c).flatten()
-            self.exemplars[c] = index[members[herding_selection(feats[members], quota)]]
+        herded = herd_by_class(feats, self.ctx.train_labels[index], dict.fromkeys(range(*self.ctx.split.bounds[task]), quota))
+        self.exemplars.update({c: index[positions] for c, positions in herded.items()})
         every = torch.cat(list(self.exemplars.values()))
         self.means = class_means(self.net, self.ctx.train_images[every], self.ctx.train_labels[every],
                                  self.ctx.split.num_classes, self.ctx.eval_transform)
 
-    @torch.no_grad()
     def predict(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        scores = {"cnn": self.net(inputs)}
-        if self.means is not None:
-            scores["nme"] = nme_scores(self.net.features(inputs), self.means)
-        return scores
+        return cnn_and_nme_scores(self.net, inputs, self.means)
 
     def task_metrics(self) -> dict[str, float]:
         steps = max(self.steps, 1)

@@ -27,6 +27,16 @@ def herding_selection(features: torch.Tensor, count: int) -> torch.Tensor:
     return chosen
 
 
+def herd_by_class(features: torch.Tensor, labels: torch.Tensor, quotas: dict[int, int]) -> dict[int, torch.Tensor]:
+    """For every class c in ``quotas``: positions (rows of ``features``) of its ``quotas[c]`` herded examples,
+    in herding order, so that keeping a prefix keeps the best-tracking ones."""
+    chosen = {}
+    for c, quota in quotas.items():
+        members = torch.nonzero(labels == c).flatten()
+        chosen[c] = members[herding_selection(features[members], quota)]
+    return chosen
+
+
 def per_class_quota(total: int, classes: int) -> list[int]:
     """Split ``total`` slots over ``classes`` as evenly as possible (earlier classes take the remainder)."""
     return [total // classes + (1 if c < total % classes else 0) for c in range(classes)]

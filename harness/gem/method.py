@@ -15,12 +15,22 @@ import torch
 from torch import nn
 
 from harness.config.options import opt
-from harness.gem.memory import EpisodicMemory, herding_selection, per_class_quota
+from harness.gem.memory import EpisodicMemory, herd_by_class, per_class_quota
 from harness.gem.qp import gradient_projection
 from harness.methods.base import Batch, Context, Method, StepResult, TrainMask, restrict_logits
-from harness.methods.nme import class_means, embed, nme_scores
+from harness.methods.nme import class_means, cnn_and_nme_scores, embed
 
 MemoryFill = Literal["ring", "random", "herding"]
+
+
+@dataclass
+class MemoryOptions:
+    """What GEM and A-GEM share: the per-task memory, how it is filled, and the logit mask."""
+
+    n_memories: int = opt(256, lo=1)
+    train_mask: TrainMask = "task"
+    memory_fill: MemoryFill = "ring"
+    augment_memory: bool = False
 
 
 def flat_gradient(params: list[nn.Parameter]) -> torch.Tensor:
@@ -75,21 +85,13 @@ class EpisodicMethod(Method):
         if self.options.memory_fill == "random":
             keep = torch.randperm(len(idx), device=idx.device)[:n]
             return images[keep], labels[keep]
-        feats = embed(self.net, images, self.ctx.eval_transform)
-        classes = labels.unique()
-        keep = []
-        for c, quota in zip(classes, per_class_quota(n, len(classes)), strict=True):
-            members = torch.nonzero(labels == c).flatten()
-            keep.append(members[herding_selection(feats[members], quota)])
-        chosen = torch.cat(keep)
+        classes = labels.unique().tolist()
+        quotas = dict(zip(classes, per_class_quota(n, len(classes)), strict=True))
+        chosen = torch.cat(list(herd_by_class(embed(self.net, images, self.ctx.eval_transform), labels, quotas).values()))
         return images[chosen], labels[chosen]
 
-    @torch.no_grad()
     def predict(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
-        scores = {"cnn": self.net(inputs)}
-        if self.means is not None:
-            scores["nme"] = nme_scores(self.net.features(inputs), self.means)
-        return scores
+        return cnn_and_nme_scores(self.net, inputs, self.means)
 
     def task_metrics(self) -> dict[str, float]:
         return {f"{self.name}_projection_fraction": float(self.projections) / max(self.steps, 1)}
@@ -110,13 +112,9 @@ class GEM(EpisodicMethod):
     name = "gem"
 
     @dataclass
-    class Options:
-        n_memories: int = opt(256, lo=1)
+    class Options(MemoryOptions):
         memory_strength: float = opt(0.5, lo=0.0)
         eps: float = opt(1e-3, lo=0.0)
-        train_mask: TrainMask = "task"
-        memory_fill: MemoryFill = "ring"
-        augment_memory: bool = False
 
     def before_task(self, task: int) -> None:
         super().before_task(task)
@@ -167,12 +165,8 @@ class AGEM(EpisodicMethod):
     name = "agem"
 
     @dataclass
-    class Options:
-        n_memories: int = opt(256, lo=1)
+    class Options(MemoryOptions):
         sample_size: int = opt(256, lo=1)
-        train_mask: TrainMask = "task"
-        memory_fill: MemoryFill = "ring"
-        augment_memory: bool = False
 
     def reference_gradient(self) -> torch.Tensor:
         """g_ref: gradient of the loss on a random sample of every past task's memory."""

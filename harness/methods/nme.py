@@ -29,6 +29,15 @@ def class_means(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_
     return torch.where(counts > 0, means, torch.nan)
 
 
+@torch.no_grad()
+def cnn_and_nme_scores(net: nn.Module, inputs: torch.Tensor, means: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The network's logits and, once class means exist, the NME scores (for arms with exemplars)."""
+    scores = {"cnn": net(inputs)}
+    if means is not None:
+        scores["nme"] = nme_scores(net.features(inputs), means)
+    return scores
+
+
 def nme_scores(features: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
     """Negative squared distance of normalised features to each class mean (-inf without a mean)."""
     scores = -torch.cdist(nn.functional.normalize(features, dim=1), means.nan_to_num(0.0)) ** 2

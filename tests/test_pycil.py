@@ -1,0 +1,78 @@
+"""The PyCIL-style reference arm: exemplar budget, once-augmented memory, host quadprog projection."""
+
+from __future__ import annotations
+
+import torch
+
+from baselines.pycil_gem import quadprog_projection
+from harness.config.experiment import parse_experiment
+from harness.engine.runner import build_split
+from harness.engine.trainer import ArmTrainer
+from harness.gem import project_gradient
+from tests.conftest import digits_arm, digits_experiment
+
+
+def test_exemplar_budget_is_split_over_seen_classes_and_old_classes_keep_a_prefix() -> None:
+    experiment = parse_experiment(digits_experiment([digits_arm("p", {"name": "pycil_gem",
+                                                                     "kwargs": {"memory_size": 60}}, epoch=1)],
+                                                    task_num=3), "t.yaml")
+    trainer = ArmTrainer(experiment.arm("p"), build_split(experiment), None)
+    method = trainer.method
+    history = []
+    original_after_task = method.after_task
+
+    def record(task: int) -> None:
+        original_after_task(task)
+        history.append({c: v.clone() for c, v in method.exemplars.items()})
+
+    method.after_task = record
+    result = trainer.fit()
+    assert [sorted(len(v) for v in h.values()) for h in history] == [[30, 30], [15] * 4, [10] * 6]
+    for c in (0, 1):  # old classes shrink by keeping their best-herded exemplars
+        assert torch.equal(history[1][c], history[0][c][:15])
+        assert torch.equal(history[2][c], history[0][c][:10])
+    labels = trainer.ctx.train_labels
+    for c, index in history[-1].items():
+        assert (labels[index] == c).all()
+    assert result.summary["nme_cil_acc"] > 0
+
+
+def test_memory_is_augmented_once_per_task() -> None:
+    experiment = parse_experiment(digits_experiment([digits_arm(
+        "p", {"name": "pycil_gem", "kwargs": {"memory_size": 40}}, epoch=2, augment={"crop": 2, "flip": True})],
+        task_num=2), "t.yaml")
+    trainer = ArmTrainer(experiment.arm("p"), build_split(experiment), None)
+    method = trainer.method
+    snapshots = []
+    original_before_task = method.before_task
+
+    def record(task: int) -> None:
+        original_before_task(task)
+        snapshots.append(([m[0].clone() for m in method.memory], {c: v.clone() for c, v in method.exemplars.items()}))
+
+    method.before_task = record
+    trainer.fit()
+    memories, exemplars = snapshots[1]  # as task 1 began
+    frozen = memories[0]
+    assert torch.equal(method.memory[0][0], frozen)  # unchanged through every step of task 1
+    plain = trainer.ctx.eval_transform(trainer.ctx.train_images[torch.cat([exemplars[0], exemplars[1]])], train=False)
+    assert plain.shape == frozen.shape and not torch.equal(plain, frozen)  # augmented, not raw
+
+
+def test_quadprog_projection_matches_the_exact_solver() -> None:
+    torch.manual_seed(0)
+    G = torch.randn(5, 40, dtype=torch.float64)
+    g = -G.sum(0) + 0.1 * torch.randn(40, dtype=torch.float64)
+    projected, retried = quadprog_projection(g, G, 0.0)
+    assert not retried
+    assert torch.allclose(projected, project_gradient(g, G, 0.0, 0.0), rtol=1e-6, atol=1e-9)
+
+
+def test_singular_gram_is_retried_with_a_tiny_ridge() -> None:
+    torch.manual_seed(1)
+    G = torch.randn(3, 20, dtype=torch.float64)
+    G[2] = G[0]
+    g = -(G[0] + G[1])
+    projected, retried = quadprog_projection(g, G, 0.0)
+    assert retried and torch.isfinite(projected).all()
+    assert (G @ projected).min() >= -1e-6 * float(g.norm() * G.norm(dim=1).max())
