@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from typing import TextIO
@@ -16,7 +17,9 @@ class Progress:
         if enabled and stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, file=stream, unit="epoch", dynamic_ncols=True)
+            # A terminal that reports a 0 x 0 size (some ptys) would hide the bar: fall back to 100 x 20.
+            size = shutil.get_terminal_size((100, 20))
+            self.bar = tqdm(total=self.total, file=stream, unit="epoch", ncols=size.columns, nrows=size.lines)
 
     def epoch(self, arm: str, task: int, tasks: int, epoch: int, epochs: int, loss: float, acc: float, lr: float) -> None:
         self.done += 1

@@ -1,0 +1,56 @@
+"""Backbone sizes, learning-rate schedules with warmup, and the decoded-image cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.data.datasets import cache_dir, load_dataset
+from harness.engine.optim import CosineAnnealingLR, MultiStepLR, StepLR, build_optimizer, build_scheduler
+from harness.models import BACKBONES, build_network, count_parameters
+from tests.conftest import CIFAR100, needs_cifar
+
+
+@pytest.mark.parametrize("name, params, feat_dim", [("resnet32", 0.46e6, 64), ("reduced_resnet18", 1.09e6, 160),
+                                                    ("resnet18", 11.2e6, 512), ("mlp", 0.32e6, 100)])
+def test_backbone_sizes(name: str, params: float, feat_dim: int) -> None:
+    net = build_network(name, {}, (3, 32, 32), 100)
+    assert net.backbone.feat_dim == feat_dim
+    assert count_parameters(net.backbone) == pytest.approx(params, rel=0.02)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_every_backbone_runs_on_one_channel_images() -> None:
+    for name in BACKBONES:
+        net = build_network(name, {}, (1, 28, 28), 10)
+        assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10), name
+
+
+def lrs(schedule: object, warmup: int, epochs: int, lr: float = 0.1) -> list[float]:
+    optimizer = build_optimizer("SGD", {"lr": lr, "momentum": 0.9}, [torch.zeros(1, requires_grad=True)])
+    scheduler = build_scheduler(optimizer, schedule, warmup)
+    out = []
+    for _ in range(epochs):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_schedules_in_closed_form_with_linear_warmup() -> None:
+    assert lrs(MultiStepLR(milestones=[2, 4], gamma=0.1), 0, 6) == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    assert lrs(StepLR(step_size=3, gamma=0.5), 3, 7) == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.05, 0.05, 0.05, 0.025])
+    cosine = lrs(CosineAnnealingLR(T_max=4, eta_min=0.01), 0, 6)
+    assert cosine[0] == pytest.approx(0.1) and cosine[2] == pytest.approx(0.055) and cosine[4:] == pytest.approx([0.01] * 2)
+
+
+@needs_cifar
+def test_decoded_image_folders_are_cached_outside_the_data_folder() -> None:
+    first = load_dataset("cifar100", CIFAR100, [3, 7])
+    cached = list(cache_dir().glob("imagefolder-*.pt"))
+    assert cached and all(CIFAR100.resolve() not in p.resolve().parents for p in cached)
+    second = load_dataset("cifar100", CIFAR100, [3, 7])
+    assert torch.equal(first.train_x, second.train_x) and torch.equal(first.test_y, second.test_y)
+    assert first.train_x.shape == (1000, 3, 32, 32) and first.test_x.shape == (200, 3, 32, 32)
+    means = first.train_x.float().div(255).mean((0, 2, 3))
+    assert ((means > 0.2) & (means < 0.8)).all()
