@@ -104,6 +104,8 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
         assert resumed[arm]["status"] == "FINISHED"
         assert resumed[arm]["matrix"] == reference[arm]["matrix"], arm  # exact equality
     assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"
+    log = Path(MlflowClient(uri).download_artifacts(resumed["gem"]["run_id"], "arm.log", str(tmp_path))).read_text()
+    assert "gem task 1/5 epoch 1/5" in log and "gem task 5/5 epoch 5/5" in log  # one log across the interruption
 
 
 def _expect_exit_2(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:

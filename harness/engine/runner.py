@@ -20,7 +20,7 @@ from harness.data.datasets import DATASETS, load_dataset
 from harness.data.domains import expand_tasks
 from harness.data.split import Split, class_order, make_split
 from harness.engine.progress import Progress
-from harness.engine.trainer import ArmResult, ArmTrainer, load_checkpoint, resolve_device
+from harness.engine.trainer import ArmResult, ArmTrainer, Interrupted, load_checkpoint, resolve_device
 from harness.metrics import seen_accuracy
 from harness.tracking import Run, Tracker
 from harness.tracking.plots import accuracy_curves, matrix_heatmap
@@ -115,30 +115,30 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
         run = resume_run
         tracker.reopen(run.run_id)
         run.set_tags({**tags, "resumed": "true"})
-    checkpoints = run.local_dir() / "checkpoints"
+    folder = run.local_dir()
+    checkpoints = folder / "checkpoints"
     run.set_tags({"resume_hint": f"python -m harness.run --resume {parent.run_id}", "checkpoint_dir": str(checkpoints)})
-    with tempfile.TemporaryDirectory() as tmp:
-        log_path = Path(tmp) / "arm.log"
-        with open(log_path, "a") as log:
-            progress.log = log
+    log_path = folder / "arm.log"  # beside the checkpoints, appended to when the arm resumes
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        progress.log = log
+        try:
             trainer = ArmTrainer(arm, split, run, progress, checkpoint_dir=checkpoints)
-            checkpoint = load_checkpoint(checkpoints) if resume_run is not None else None
-            try:
-                result = trainer.fit(checkpoint)
-            except BaseException as exc:
-                progress.note(f"{arm.name}: stopped: {exc}")
-                log.close()
-                run.log_artifact(log_path)
-                run.end("KILLED" if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "Interrupted"
-                        else "FAILED")
-                raise
-            finally:
-                progress.log = None
-        run.log_metrics(result.summary)
-        for name, values in trainer.state.task_metrics.items():
-            run.log_metrics({f"{name}_mean": float(np.mean(values))})
+            result = trainer.fit(load_checkpoint(checkpoints) if resume_run is not None else None)
+        except BaseException as exc:
+            progress.note(f"{arm.name}: stopped: {exc}")
+            log.flush()
+            run.log_artifact(log_path)
+            run.end("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
+            raise
+        finally:
+            progress.log = None
+    run.log_metrics(result.summary)
+    for name, values in trainer.state.task_metrics.items():
+        run.log_metrics({f"{name}_mean": float(np.mean(values))})
+    with tempfile.TemporaryDirectory() as tmp:
         _log_artifacts(run, arm, result, Path(tmp))
-        run.log_artifact(log_path)
+    run.log_artifact(log_path)
     run.end("FINISHED")
     curve = seen_accuracy(result.matrices["cil"], result.sizes).tolist()
     return ArmOutcome(arm.name, arm.method.name, run.run_id, result.summary, curve)
