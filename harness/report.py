@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -48,14 +49,12 @@ def _fmt(value: Any) -> str:
 
 
 def _label(parent: RunInfo, arm: RunInfo) -> str:
+    """Device, whether the run was a reduced variant, and any command-line overrides."""
     variant = parent.tags.get("variant") or ""
     device = arm.tags.get("device", "?")
-    reduced = [f"variant {variant}"] if variant else []
+    label = f"{'CPU' if device == 'cpu' else device}; {f'reduced (variant {variant})' if variant else 'full size'}"
     overrides = parent.tags.get("overrides", "[]")
-    if overrides not in ("[]", ""):
-        reduced.append(f"overrides {overrides}")
-    size = "reduced: " + ", ".join(reduced) if reduced else "full size"
-    return f"{'CPU' if device == 'cpu' else device}; {size}"
+    return label if overrides in ("[]", "") else f"{label}; overrides {overrides}"
 
 
 def _measured(m: dict[str, float], paper: bool) -> str:
@@ -108,7 +107,7 @@ def build_report(tracker: MlflowTracker, output: Path) -> str:
             best = {k.removeprefix("best."): v for k, v in study.params.items() if k.startswith("best.")}
             lines.append(f"| {study.tags.get('study')} | {_fmt(study.metrics.get('best_value'))} | "
                          f"{_fmt(study.metrics.get('best_test_value'))} | {best} | "
-                         f"{_fmt(study.metrics.get('n_trials'))} | {_fmt(study.metrics.get('wall_seconds'))} | "
+                         f"{int(study.metrics.get('n_trials', 0))} | {_fmt(study.metrics.get('wall_seconds'))} | "
                          f"{study.tags.get('git_commit', '?')} |")
         if not studies:
             lines.append(f"| {name} | not run | | | | | |")
@@ -136,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store to read (default: ./mlruns)")
     parser.add_argument("--output", default="docs/REPRODUCTION.md")
     args = parser.parse_args(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         tracker = make_tracker(args.tracking_uri, None)
         if not isinstance(tracker, MlflowTracker):

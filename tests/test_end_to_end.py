@@ -96,3 +96,21 @@ def test_cifar100_subset_runs_on_cpu(tmp_path: Path, mlflow_uri: str) -> None:
     assert gem["params.split.class_order_resolved"].startswith("[68, 56, 78, 8]")
     assert 0.4 <= gem["metrics.task0_acc"] <= 1.0  # two classes after one epoch: above chance
     assert gem["metrics.til_acc"] >= 0.4
+
+
+def test_reproduction_report_reads_runs_back_from_mlflow(tmp_path: Path, mlflow_uri: str) -> None:
+    from harness.report import main as report
+
+    raw = digits_experiment([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=1)], task_num=2)
+    raw["name"] = "gem_vs_pycil"  # recorded under the name the report looks for
+    assert main([str(write_yaml(tmp_path / "exp.yaml", raw)), "--tracking-uri", mlflow_uri, "--quiet"]) == 0
+    output = tmp_path / "docs" / "REPRODUCTION.md"
+    assert report(["--tracking-uri", mlflow_uri, "--output", str(output)]) == 0
+    text = output.read_text()
+    gem_row = next(line for line in text.splitlines() if line.startswith("| gem_vs_pycil | gem |"))
+    task0 = arm_runs(mlflow_uri, "gem_vs_pycil").loc["gem", "metrics.task0_acc"]
+    assert f"task-0 {task0:.3f}" in gem_row and "CPU; full size" in gem_row
+    assert "| gem_vs_pycil | pycil_gem |" in text and "| seed_recipe | seed_recipe |" in text
+    assert "| tune_task0 | not run |" in text
+    plots = list((output.parent / "reproduction").glob("gem_vs_pycil-*.png"))
+    assert len(plots) == 1 and plots[0].name in text
