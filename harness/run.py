@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from harness.config.experiment import Experiment, load_experiment
+from harness.data.split import Split
 from harness.engine.progress import Progress
 from harness.engine.runner import ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
 from harness.engine.trainer import Interrupted
@@ -50,10 +51,9 @@ def _outcome_from_run(tracker: Tracker, info: RunInfo, method: str) -> ArmOutcom
     return ArmOutcome(info.name, method, info.run_id, info.metrics, tracker.metric_history(info.run_id, "cil_seen_acc"))
 
 
-def execute(experiment: Experiment, tracker: Tracker, parent: Run, progress: Progress,
+def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run, progress: Progress,
             previous: dict[str, RunInfo] | None = None) -> list[ArmOutcome]:
     """Run (or, on resume, finish) every arm; the parent is marked KILLED/FAILED with a resume hint on error."""
-    split = build_split(experiment)
     outcomes = []
     try:
         for arm in experiment.arms:
@@ -100,7 +100,7 @@ def start(args: argparse.Namespace) -> int:
     resolved_yaml.write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
     parent.log_artifact(resolved_yaml)
     progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
-    execute(experiment, tracker, parent, progress)
+    execute(experiment, split, tracker, parent, progress)
     return 0
 
 
@@ -141,13 +141,17 @@ def resume(args: argparse.Namespace) -> int:
         if diff and not args.force:
             raise UserError(f"{info.tags['experiment_file']} changed since run {args.resume} started "
                             f"(keys: {', '.join(diff[:12])}); pass --force to continue anyway")
+    split = build_split(experiment)
+    if split.digest != info.tags.get("split_hash", split.digest) and not args.force:
+        raise UserError(f"the split's data changed since run {args.resume} started (hash {split.digest}, was "
+                        f"{info.tags['split_hash']}); pass --force to continue anyway")
     parent = tracker.reopen(args.resume)
     print(f"resuming parent run {parent.run_id} ({tracker.description})", flush=True)
     previous = {}
     for child in sorted(tracker.children(args.resume), key=lambda c: c.status == "FINISHED"):
         previous[child.name] = child  # a FINISHED run of an arm wins over an interrupted one
-    progress = Progress(total_epochs(experiment, experiment.split.task_num), enabled=not args.quiet)
-    execute(experiment, tracker, parent, progress, previous)
+    progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
+    execute(experiment, split, tracker, parent, progress, previous)
     return 0
 
 
