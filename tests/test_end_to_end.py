@@ -59,6 +59,8 @@ def test_digits_experiment_is_fully_recorded_in_mlflow(tmp_path: Path, mlflow_ur
     history = client.get_metric_history(gem_id, "cil_acc_task_0")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
     assert len(client.get_metric_history(gem_id, "train_loss")) == 5 * 4  # 5 tasks x 4 epochs
+    task_seconds = [m.value for m in client.get_metric_history(gem_id, "task_seconds")]
+    assert len(task_seconds) == 5 and sum(task_seconds) == pytest.approx(runs.loc["gem", "metrics.wall_seconds"])
     fractions = client.get_metric_history(gem_id, "gem_projection_fraction")
     assert len(fractions) == 5 and all(0 <= m.value <= 1 for m in fractions)
     parent = client.get_run(parent_id)

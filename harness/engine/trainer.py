@@ -128,6 +128,7 @@ class LoopState:
     baseline: dict[str, list[float]] = field(default_factory=dict)
     task_metrics: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
+    task_seconds: float = 0.0
 
 
 class Interrupted(Exception):
@@ -219,8 +220,7 @@ class ArmTrainer:
     def state_dict(self) -> dict[str, Any]:
         s = self.state
         return {
-            "loop": {k: getattr(s, k) for k in ("task", "epoch", "step", "global_epoch", "perm", "loss_sum",
-                                                   "correct", "seen", "rows", "baseline", "task_metrics", "seconds")},
+            "loop": dataclasses.asdict(s),
             "net": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -256,9 +256,16 @@ class ArmTrainer:
                 self._train_task(s.task, stop)
         return self.result()
 
+    def _count_time(self, since: float) -> float:
+        """Add the time since ``since`` to the arm's and the task's totals; returns now."""
+        now = time.monotonic()
+        self.state.seconds += now - since
+        self.state.task_seconds += now - since
+        return now
+
     def _train_task(self, task: int, stop: StopSignal) -> None:
         s = self.state
-        started = time.monotonic()
+        mark = time.monotonic()
         if s.epoch == 0 and s.step == 0 and s.perm is None:
             self.method.before_task(task)
             self._build_optimizer(task)
@@ -266,8 +273,7 @@ class ArmTrainer:
         epochs = self.epochs_of(task)
         while s.epoch < epochs:
             self._train_epoch(task, indices, stop)
-            s.seconds += time.monotonic() - started
-            started = time.monotonic()
+            mark = self._count_time(mark)
             every = self.arm.engine.checkpoint_every
             if every and s.epoch % every == 0 and s.epoch < epochs:
                 self.checkpoint()
@@ -277,9 +283,9 @@ class ArmTrainer:
             s.rows.setdefault(name, []).append(row.tolist())
         for name, value in self.method.task_metrics().items():
             s.task_metrics.setdefault(name, []).append(value)
-        s.seconds += time.monotonic() - started
-        self._log_task(task, rows, time.monotonic() - started)
-        s.task, s.epoch = task + 1, 0
+        self._count_time(mark)
+        self._log_task(task, rows, s.task_seconds)
+        s.task, s.epoch, s.task_seconds = task + 1, 0, 0.0
         self.checkpoint()
 
     def _train_epoch(self, task: int, indices: torch.Tensor, stop: StopSignal) -> None:
