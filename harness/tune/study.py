@@ -57,7 +57,8 @@ def make_pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
 
 def open_study(name: str, storage: str, options: SearchOptions, attempts: int = 6) -> optuna.Study:
     """Create or load the study. Processes that start together on an empty database race to create
-    Optuna's tables; the loser gets an integrity error and simply tries again."""
+    Optuna's tables; the loser gets an integrity error (PostgreSQL) or "table already exists" (SQLite) and
+    simply tries again. A database that stays unreachable fails after the last attempt."""
     import sqlalchemy.exc
 
     def create() -> optuna.Study:
@@ -68,7 +69,7 @@ def open_study(name: str, storage: str, options: SearchOptions, attempts: int = 
         for attempt in range(attempts - 1):
             try:
                 return create()
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.InternalError):
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.InternalError, sqlalchemy.exc.OperationalError):
                 time.sleep(0.5 * (attempt + 1))
         return create()
     except (optuna.exceptions.OptunaError, ValueError, ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:
