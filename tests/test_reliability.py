@@ -39,13 +39,15 @@ def matrices(uri: str, experiment: str, parent_id: str) -> dict[str, dict]:
     return out
 
 
-def _checkpoint_in_task(store: Path, task: int) -> bool:
+def _checkpoint_mid_task(store: Path) -> bool:
+    """The GEM arm (5 tasks of 5 epochs) has a checkpoint from the middle of task 2, 3 or 4."""
     for path in store.rglob("checkpoints/last.pt"):
         try:
-            loop = torch.load(path, weights_only=True)["loop"]
+            state = torch.load(path, weights_only=True)
         except Exception:  # a checkpoint being replaced right now
             continue
-        if loop["task"] == task and loop["epoch"] >= 2:
+        is_gem = "memory" in state["method"]  # finetune's checkpoints carry no method state
+        if is_gem and 2 <= state["loop"]["task"] <= 4 and state["loop"]["epoch"] >= 1:
             return True
     return False
 
@@ -56,11 +58,11 @@ def _start(path: Path, uri: str) -> subprocess.Popen:
                             cwd=path.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _interrupt_in_gem_task_2(proc: subprocess.Popen, store: Path, sig: int) -> None:
+def _interrupt_mid_gem_task(proc: subprocess.Popen, store: Path, sig: int) -> None:
     deadline = time.monotonic() + 300
-    while not _checkpoint_in_task(store, 2):
+    while not _checkpoint_mid_task(store):
         assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no checkpoint in task 2"
+        assert time.monotonic() < deadline, "no mid-task checkpoint"
         time.sleep(0.02)
     proc.send_signal(sig)
 
@@ -77,7 +79,7 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
     store = tmp_path / "int"
     uri = f"sqlite:///{store / 'mlflow.db'}"
     proc = _start(path, uri)
-    _interrupt_in_gem_task_2(proc, store, sig)
+    _interrupt_mid_gem_task(proc, store, sig)
     out, err = proc.communicate(timeout=120)
     parent_id = out.split("parent run ")[1].split()[0]
     if sig == signal.SIGINT:
