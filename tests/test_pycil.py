@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from baselines.pycil_gem import quadprog_projection
@@ -12,20 +15,26 @@ from harness.gem import project_gradient
 from tests.conftest import digits_arm, digits_experiment
 
 
+def spy(method: object, hook: str, snapshot: Callable[[Any], Any]) -> list[Any]:
+    """Wrap ``method.<hook>(task)``: after every call, ``snapshot(method)`` is appended to the returned list."""
+    taken: list[Any] = []
+    original = getattr(method, hook)
+
+    def wrapped(task: int) -> None:
+        original(task)
+        taken.append(snapshot(method))
+
+    setattr(method, hook, wrapped)
+    return taken
+
+
 def test_exemplar_budget_is_split_over_seen_classes_and_old_classes_keep_a_prefix() -> None:
     experiment = parse_experiment(digits_experiment([digits_arm("p", {"name": "pycil_gem",
                                                                      "kwargs": {"memory_size": 60}}, epoch=1)],
                                                     task_num=3), "t.yaml")
     trainer = ArmTrainer(experiment.arm("p"), build_split(experiment), None)
     method = trainer.method
-    history = []
-    original_after_task = method.after_task
-
-    def record(task: int) -> None:
-        original_after_task(task)
-        history.append({c: v.clone() for c, v in method.exemplars.items()})
-
-    method.after_task = record
+    history = spy(method, "after_task", lambda m: {c: v.clone() for c, v in m.exemplars.items()})
     result = trainer.fit()
     assert [sorted(len(v) for v in h.values()) for h in history] == [[30, 30], [15] * 4, [10] * 6]
     for c in (0, 1):  # old classes shrink by keeping their best-herded exemplars
@@ -43,14 +52,8 @@ def test_memory_is_augmented_once_per_task() -> None:
         task_num=2), "t.yaml")
     trainer = ArmTrainer(experiment.arm("p"), build_split(experiment), None)
     method = trainer.method
-    snapshots = []
-    original_before_task = method.before_task
-
-    def record(task: int) -> None:
-        original_before_task(task)
-        snapshots.append(([m[0].clone() for m in method.memory], {c: v.clone() for c, v in method.exemplars.items()}))
-
-    method.before_task = record
+    snapshots = spy(method, "before_task", lambda m: ([x.clone() for x, _ in m.memory],
+                                                      {c: v.clone() for c, v in m.exemplars.items()}))
     trainer.fit()
     memories, exemplars = snapshots[1]  # as task 1 began
     frozen = memories[0]
