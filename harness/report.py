@@ -67,15 +67,6 @@ def _measured(m: dict[str, float], paper: bool) -> str:
             f"{_fmt(m.get('til_avg_incremental'))}; NME {_fmt(m.get('nme_cil_acc'))}")
 
 
-def _experiment_parents(tracker: MlflowTracker, name: str, kind: str) -> list[RunInfo]:
-    found = tracker.client.get_experiment_by_name(name)
-    if found is None:
-        return []
-    runs = tracker.client.search_runs([found.experiment_id], f"tags.kind = '{kind}' and attributes.status = 'FINISHED'",
-                                      order_by=["attributes.start_time DESC"], max_results=50)
-    return [tracker._info(r) for r in runs]
-
-
 def build_report(tracker: MlflowTracker, output: Path) -> str:
     figures = output.parent / "reproduction"
     figures.mkdir(parents=True, exist_ok=True)
@@ -86,7 +77,7 @@ def build_report(tracker: MlflowTracker, output: Path) -> str:
              "|---|---|---|---|---|---|---|---|"]
     plots = []
     for target in TARGETS:
-        parents = _experiment_parents(tracker, target.experiment, "experiment")
+        parents = tracker.finished_runs(target.experiment, "experiment")
         rows = []
         for parent in parents:
             arms = {c.tags.get("arm"): c for c in tracker.children(parent.run_id) if c.status == "FINISHED"}
@@ -102,7 +93,7 @@ def build_report(tracker: MlflowTracker, output: Path) -> str:
               "| study | best validation | best recipe on test | best parameters | trials | wall s | commit |",
               "|---|---|---|---|---|---|---|"]
     for name in STUDIES:
-        studies = _experiment_parents(tracker, name, "study")
+        studies = tracker.finished_runs(name, "study")
         for study in studies:
             best = {k.removeprefix("best."): v for k, v in study.params.items() if k.startswith("best.")}
             lines.append(f"| {study.tags.get('study')} | {_fmt(study.metrics.get('best_value'))} | "

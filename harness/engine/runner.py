@@ -21,6 +21,7 @@ from harness.data.domains import expand_tasks
 from harness.data.split import Split, class_order, make_split
 from harness.engine.progress import Progress
 from harness.engine.trainer import ArmResult, ArmTrainer, Interrupted, load_checkpoint, resolve_device
+from harness.methods import method_class
 from harness.metrics import seen_accuracy
 from harness.tracking import Run, Tracker
 from harness.tracking.plots import accuracy_curves, matrix_heatmap
@@ -76,8 +77,7 @@ def plan(experiment: Experiment, split: Split) -> str:
 
 
 def _train_count(arm: ArmRecipe, split: Split, task: int) -> int:
-    tasks = range(task + 1) if arm.method.name == "joint" else [task]
-    return sum(len(split.tasks[k].train) for k in tasks)
+    return sum(len(split.tasks[k].train) for k in method_class(arm.method.name).training_tasks(task))
 
 
 @dataclass

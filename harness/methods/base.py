@@ -82,8 +82,13 @@ class Method:
         self.net, self.options, self.ctx = net, options, ctx
         self.task = 0
 
+    @staticmethod
+    def training_tasks(task: int) -> list[int]:
+        """Whose training data the trainer streams while task ``task`` is learned (also used by --dry-run)."""
+        return [task]
+
     def training_indices(self, task: int) -> torch.Tensor:
-        return self.ctx.split.tasks[task].train
+        return torch.cat([self.ctx.split.tasks[k].train for k in self.training_tasks(task)])
 
     def before_task(self, task: int) -> None:
         self.task = task
@@ -132,9 +137,9 @@ class Joint(Method):
 
     name = "joint"
 
-    def training_indices(self, task: int) -> torch.Tensor:
-        tasks = self.ctx.split.tasks
-        return torch.cat([tasks[k].train for k in range(task + 1)])
+    @staticmethod
+    def training_tasks(task: int) -> list[int]:
+        return list(range(task + 1))
 
     def loss_and_correct(self, inputs: torch.Tensor, labels: torch.Tensor, data_task: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.options.train_mask != "task":

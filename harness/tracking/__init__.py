@@ -182,8 +182,8 @@ class MlflowTracker(Tracker):
         self.client.update_run(run_id, status="RUNNING")
         return Run(self, run_id)
 
-    def _info(self, run: Any) -> RunInfo:
-        experiment = self.client.get_experiment(run.info.experiment_id).name
+    def _info(self, run: Any, experiment: str | None = None) -> RunInfo:
+        experiment = experiment or self.client.get_experiment(run.info.experiment_id).name
         return RunInfo(run.info.run_id, run.info.run_name or "", run.info.status, experiment, dict(run.data.tags),
                        dict(run.data.params), dict(run.data.metrics))
 
@@ -199,7 +199,17 @@ class MlflowTracker(Tracker):
         parent = self.client.get_run(parent_id)
         runs = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
                                        max_results=10000)
-        return [self._info(r) for r in runs]
+        experiment = self.client.get_experiment(parent.info.experiment_id).name
+        return [self._info(r, experiment) for r in runs]
+
+    def finished_runs(self, experiment: str, kind: str, limit: int = 50) -> list[RunInfo]:
+        """Finished runs tagged ``kind`` (experiment parents, studies) in the named experiment, newest first."""
+        found = self.client.get_experiment_by_name(experiment)
+        if found is None:
+            return []
+        runs = self.client.search_runs([found.experiment_id], f"tags.kind = '{kind}' and attributes.status = 'FINISHED'",
+                                       order_by=["attributes.start_time DESC"], max_results=limit)
+        return [self._info(r, experiment) for r in runs]
 
     def metric_history(self, run_id: str, key: str) -> list[float]:
         by_step = {m.step: m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
