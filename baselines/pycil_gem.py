@@ -64,6 +64,7 @@ def quadprog_projection(g: torch.Tensor, G: torch.Tensor, margin: float) -> tupl
 
 class PyCILGEM(Method):
     name = "pycil_gem"
+    graph_blocker = "the PyCIL-style step checks the constraints and solves the QP on the host, as PyCIL does"
 
     @dataclass
     class Options:
@@ -93,6 +94,9 @@ class PyCILGEM(Method):
         index = torch.cat([self.exemplars[c] for c in range(*self.ctx.split.bounds[k])])
         return self.ctx.train_transform(self.ctx.train_images[index], train=True), self.ctx.train_labels[index]
 
+    def count_step(self, batch_size: int) -> None:
+        self.steps += 1
+
     def observe(self, batch: Batch, optimizer: torch.optim.Optimizer) -> StepResult:
         past = []
         for k, (inputs, labels) in enumerate(self.memory):
@@ -111,7 +115,6 @@ class PyCILGEM(Method):
                 self.projections += 1
                 self.retries += int(retried)
         optimizer.step()
-        self.steps += 1
         return StepResult(loss.detach(), correct)
 
     def bounds(self, data_task: int) -> tuple[int, int]:

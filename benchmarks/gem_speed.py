@@ -1,10 +1,11 @@
 """Time one GEM training step, side by side, in one process on one device.
 
     python benchmarks/gem_speed.py [--device cpu|cuda] [--backbone resnet32] [--t 4] [--M 256] [--batch 128]
-                                   [--steps 20] [--impls harness,pycil_style,avalanche] [--json]
+                                   [--steps 20] [--impls harness,harness_eager,pycil_style,avalanche] [--json]
 
-Rows: (a) the harness's GEM step (on-device memory, sync-free exact QP, bf16 autocast on CUDA unless
---no-amp), (b) the PyCIL-style arm's step (``baselines/pycil_gem.py``: host-side check and quadprog),
+Rows: (a) the harness's GEM step as the trainer runs it (on-device memory, sync-free exact QP, bf16 autocast
+and the whole step replayed from a CUDA graph on CUDA unless --no-amp / --no-graph; ``harness_eager``: the
+same step without the graph), (b) the PyCIL-style arm's step (``baselines/pycil_gem.py``: host-side check and quadprog),
 (c) Avalanche's ``GEMPlugin`` (``pip install -e ".[bench]"``; skipped with a note when absent), all with
 the same network, the same random images (timings need no real pixels), the same number of past tasks t
 and memories per task M. Each step includes the batch's augmentation, every memory pass, the projection
@@ -30,24 +31,30 @@ from baselines.pycil_gem import PyCILGEM
 from harness.data.augment import AugmentOptions, BatchTransform
 from harness.data.datasets import ImageDataset
 from harness.data.split import Split, make_split
+from harness.engine.graphs import GraphedStep
+from harness.engine.optim import build_optimizer
 from harness.gem.method import GEM
-from harness.methods.base import Batch, Context, Method
+from harness.methods.base import Batch, Context, Method, StepResult
 from harness.models import build_network
 
 CLASSES_PER_TASK = 10
 
 
-def synthetic_split(t: int, M: int, batch: int, image_shape: tuple[int, int, int]) -> Split:
-    """t + 1 tasks of random uint8 images, each with enough examples for M memories and a batch."""
-    per_task = max(M, batch)
-    n = (t + 1) * per_task
+def synthetic_split(tasks: int, classes_per_task: int, train_per_class: int, test_per_class: int,
+                    image_shape: tuple[int, int, int] = (3, 32, 32)) -> Split:
+    """``tasks`` tasks of ``classes_per_task`` classes each, of random uint8 images (timings need no real
+    pixels): ``train_per_class`` training and ``test_per_class`` test images per class."""
     g = torch.Generator().manual_seed(0)
-    train_x = torch.randint(0, 256, (n, *image_shape), dtype=torch.uint8, generator=g)
-    train_y = torch.arange(n) // per_task * CLASSES_PER_TASK + torch.arange(n) % CLASSES_PER_TASK
-    dataset = ImageDataset("synthetic", train_x, train_y, train_x[:1], train_y[:1], (0.5,) * image_shape[0],
-                           (0.25,) * image_shape[0])
-    classes = CLASSES_PER_TASK * (t + 1)
-    return make_split(dataset, list(range(classes)), list(range(0, classes + 1, CLASSES_PER_TASK)))
+    classes = tasks * classes_per_task
+
+    def images(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.randint(0, 256, (classes * per_class, *image_shape), dtype=torch.uint8, generator=g)
+        return x, torch.arange(classes).repeat_interleave(per_class)
+
+    (train_x, train_y), (test_x, test_y) = images(train_per_class), images(test_per_class)
+    channels = image_shape[0]
+    dataset = ImageDataset("synthetic", train_x, train_y, test_x, test_y, (0.5,) * channels, (0.25,) * channels)
+    return make_split(dataset, list(range(classes)), list(range(0, classes + 1, classes_per_task)))
 
 
 def context(split: Split, device: torch.device) -> Context:
@@ -57,20 +64,30 @@ def context(split: Split, device: torch.device) -> Context:
     return Context(split, ds.train_x.to(device), split.train_y.to(device), train, test, device)
 
 
-def method_step(method: Method, ctx: Context, t: int, batch: int, amp: bool) -> Callable[[], None]:
+def method_step(method: Method, ctx: Context, t: int, batch: int, amp: bool, graphs: bool) -> Callable[[], None]:
+    """A step as the trainer runs it: host bookkeeping, then the step eagerly or replayed from its graph."""
     index = ctx.split.tasks[t].train[:batch].to(ctx.device)
-    optimizer = torch.optim.SGD(method.net.parameters(), lr=0.01, momentum=0.9)
+    optimizer = build_optimizer("SGD", {"lr": 0.01, "momentum": 0.9}, method.net.parameters(), graph_ready=graphs,
+                                device=ctx.device)
+
+    def observe(idx: torch.Tensor) -> StepResult:
+        images = ctx.train_images[idx]
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphs):
+            return method.observe(Batch(images, ctx.train_transform(images, train=True), ctx.train_labels[idx]),
+                                  optimizer)
+
+    runner = GraphedStep(observe, batch, ctx.device, enabled=graphs, blocker=method.graph_blocker,
+                         note=lambda line: print(line, file=sys.stderr))
 
     def step() -> None:
-        images = ctx.train_images[index]
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-            method.observe(Batch(images, ctx.train_transform(images, train=True), ctx.train_labels[index]), optimizer)
+        method.count_step(batch)
+        runner(index)
 
     return step
 
 
-def harness_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device, amp: bool
-                 ) -> Callable[[], None]:
+def harness_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device, amp: bool,
+                 graphs: bool) -> Callable[[], None]:
     ctx = context(split, device)
     net = build_network(backbone, {}, split.dataset.image_shape, split.num_classes).to(device)
     if device.type == "cuda":
@@ -81,7 +98,7 @@ def harness_step(split: Split, backbone: str, t: int, M: int, batch: int, device
         index = split.tasks[k].train[:M].to(device)
         gem.memory.fill(k, ctx.train_images[index], ctx.train_labels[index])
     gem.before_task(t)
-    return method_step(gem, ctx, t, batch, amp)
+    return method_step(gem, ctx, t, batch, amp, graphs)
 
 
 def pycil_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device) -> Callable[[], None]:
@@ -92,7 +109,7 @@ def pycil_step(split: Split, backbone: str, t: int, M: int, batch: int, device: 
     for c in range(CLASSES_PER_TASK * t):  # M exemplars for every past task
         method.exemplars[c] = torch.nonzero(ctx.train_labels == c).flatten()[:per_class]
     method.before_task(t)
-    return method_step(method, ctx, t, batch, amp=False)
+    return method_step(method, ctx, t, batch, amp=False, graphs=False)
 
 
 def avalanche_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device) -> Callable[[], None]:
@@ -145,19 +162,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--M", type=int, nargs="+", default=[256], help="memories per task")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--impls", default="harness,pycil_style,avalanche")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps (the graph is captured at the 4th)")
+    parser.add_argument("--impls", default=None, help="default: harness,harness_eager,pycil_style,avalanche on CUDA, "
+                        "harness,pycil_style,avalanche elsewhere")
     parser.add_argument("--no-amp", action="store_true", help="fp32 for the harness step on CUDA too")
+    parser.add_argument("--no-graph", action="store_true", help="no CUDA graph for the harness row")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    amp = device.type == "cuda" and not args.no_amp
-    builders = {"harness": lambda *a: harness_step(*a, amp), "pycil_style": pycil_step, "avalanche": avalanche_step}
+    cuda = device.type == "cuda"
+    amp = cuda and not args.no_amp
+    builders = {"harness": lambda *a: harness_step(*a, amp, cuda and not args.no_graph),
+                "harness_eager": lambda *a: harness_step(*a, amp, False),
+                "pycil_style": pycil_step, "avalanche": avalanche_step}
+    impls = args.impls or ("harness,harness_eager,pycil_style,avalanche" if cuda else "harness,pycil_style,avalanche")
+    unknown = sorted(set(impls.split(",")) - set(builders))
+    if unknown:
+        parser.error(f"--impls: unknown {', '.join(unknown)} (choose from {', '.join(builders)})")
     rows, notes = [], []
     for t in args.t:
         for M in args.M:
-            split = synthetic_split(t, M, args.batch, (3, 32, 32))
-            for impl in args.impls.split(","):
+            # t past tasks and the current one, each with enough images for M memories and a batch
+            split = synthetic_split(t + 1, CLASSES_PER_TASK, -(-max(M, args.batch) // CLASSES_PER_TASK), 1)
+            for impl in impls.split(","):
                 torch.manual_seed(0)
                 try:
                     step = builders[impl](split, args.backbone, t, M, args.batch, device)
@@ -172,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}))
         return 0
-    print(f"device: {name}; torch {torch.__version__}; amp (harness): {amp}")
+    print(f"device: {name}; torch {torch.__version__}; amp (harness): {amp}; "
+          f"CUDA graph (harness): {cuda and not args.no_graph}")
     print(f"{'impl':<12} {'backbone':<10} {'t':>3} {'M':>5} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'vs harness':>10}")
     for row in rows:
         base = next(r["ms_per_step"] for r in rows if r["impl"] == "harness" and r["t"] == row["t"] and r["M"] == row["M"]) \

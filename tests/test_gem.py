@@ -27,12 +27,13 @@ def test_ring_memory_holds_the_last_n_streamed_examples() -> None:
     for start in range(0, 230, 23):  # batches that straddle the end of the ring
         index = stream[start : start + 23]
         images = ctx.train_images[index]
+        gem.count_step(len(index))
         gem.observe(Batch(images, ctx.train_transform(images, train=False), ctx.train_labels[index]), trainer.optimizer)
     images, labels = gem.memory.task(0)
     last = stream[230 - 50 : 230]
     assert len(images) == 50
     # slot order is the ring's: rotate so the oldest example comes first
-    order = torch.roll(torch.arange(50), -gem.memory.cursor[0])
+    order = torch.roll(torch.arange(50), -int(gem.memory.cursor[0]))
     assert torch.equal(images[order], ctx.train_images[last])
     assert torch.equal(labels[order], ctx.train_labels[last])
     assert gem.memory.count[1] == 0  # later tasks untouched
@@ -42,6 +43,7 @@ def test_ring_write_of_a_batch_larger_than_memory_keeps_its_tail() -> None:
     memory = EpisodicMemory(2, 4, (1, 2, 2), torch.device("cpu"))
     images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 1, 2, 2)
     memory.write_ring(1, images, torch.arange(10))
+    memory.count_written(1, 10)
     assert sorted(memory.task(1)[1].tolist()) == [6, 7, 8, 9]
 
 

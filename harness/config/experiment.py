@@ -47,13 +47,15 @@ REPLAY_BUFFER_SENTENCE = (
 
 @dataclass
 class EngineOptions:
-    """Where and how arms run. ``amp`` (bf16 autocast) and ``channels_last``: null = on for CUDA, off on CPU.
-    ``workers`` is accepted for LibContinual files and recorded: batches come from device-resident tensors."""
+    """Where and how arms run. ``cuda_graph`` (the whole step captured and replayed, ``harness.engine.graphs``),
+    ``amp`` (bf16 autocast) and ``channels_last``: null = on for CUDA, off on CPU. ``workers`` is accepted for
+    LibContinual files and recorded: batches come from device-resident tensors."""
 
     device: str = "auto"
     deterministic: bool = False
     seed: int = 0
     workers: int = opt(0, lo=0)
+    cuda_graph: bool | None = None
     amp: bool | None = None
     channels_last: bool | None = None
     checkpoint_every: int = opt(1, lo=0)

@@ -8,7 +8,7 @@ every task's train, validation and test sets, so identical splits are checkable 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,6 +57,7 @@ class Split:
     test_y: torch.Tensor
     digest: str
     protocol: str = CLASS_INCREMENTAL
+    _edges: dict[torch.device, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_tasks(self) -> int:
@@ -79,8 +80,11 @@ class Split:
 
     def label_bounds(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per example, the label range of the task its label belongs to."""
-        edges = torch.tensor(self.offsets if self.protocol == CLASS_INCREMENTAL else [0, self.num_classes],
-                             device=labels.device)
+        edges = self._edges.get(labels.device)
+        if edges is None:  # made once per device: a host-to-device copy inside a CUDA graph is not allowed
+            edges = torch.tensor(self.offsets if self.protocol == CLASS_INCREMENTAL else [0, self.num_classes],
+                                 device=labels.device)
+            self._edges[labels.device] = edges
         owner = torch.bucketize(labels, edges[1:], right=True)
         return edges[owner], edges[owner + 1]
 

@@ -8,6 +8,7 @@ from the task's first epoch, warmup included.
 from __future__ import annotations
 
 import bisect
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,8 +71,25 @@ SCHEDULERS: dict[str, type] = {
 }
 
 
-def build_optimizer(name: str, kwargs: dict[str, Any], params: Any) -> torch.optim.Optimizer:
-    return OPTIMIZERS[name](params, **kwargs)
+def build_optimizer(name: str, kwargs: dict[str, Any], params: Any, *, graph_ready: bool = False,
+                    device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The named torch optimizer. ``graph_ready``: the learning rate is a tensor on ``device`` that the
+    schedule fills in place, and the update is the fused kernel that reads it there, so a CUDA graph that
+    captured ``step()`` follows the schedule (a float learning rate would be frozen into the graph)."""
+    cls = OPTIMIZERS[name]
+    if graph_ready:
+        lr = kwargs.get("lr", inspect.signature(cls).parameters["lr"].default)
+        kwargs = {**kwargs, "lr": torch.tensor(float(lr), device=device), "fused": True}
+        if cls is not torch.optim.SGD and device is not None and device.type == "cuda":
+            kwargs["capturable"] = True  # Adam's step counter must stay on the device too
+    return cls(params, **kwargs)
+
+
+def lr_to_device(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Loading a state dict replaces a tensor learning rate with the checkpoint's (CPU) copy: move it back."""
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"] = group["lr"].to(device)
 
 
 def lr_factor(schedule: Any, warmup: int, base_lr: float) -> Callable[[int], float]:
@@ -83,5 +101,5 @@ def lr_factor(schedule: Any, warmup: int, base_lr: float) -> Callable[[int], flo
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Any, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    base_lr = optimizer.param_groups[0]["lr"]
+    base_lr = float(optimizer.param_groups[0]["lr"])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(schedule, warmup, base_lr))

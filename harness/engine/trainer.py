@@ -26,11 +26,12 @@ from harness.config.experiment import ArmRecipe, Block, EngineOptions
 from harness.data.augment import BatchTransform
 from harness.data.split import Split
 from harness.engine.evaluate import Evaluator
-from harness.engine.optim import build_optimizer, build_scheduler
+from harness.engine.graphs import GraphedStep
+from harness.engine.optim import build_optimizer, build_scheduler, lr_to_device
 from harness.engine.progress import Progress
 from harness.errors import TrainingDiverged, UserError
 from harness.methods import method_class
-from harness.methods.base import Batch, Context
+from harness.methods.base import Batch, Context, StepResult
 from harness.metrics import old_new_accuracy, seen_accuracy, summarize
 from harness.models import build_network
 from harness.tracking import Run
@@ -189,6 +190,12 @@ class ArmTrainer:
         self.ctx = Context(split, dataset.train_x.to(self.device), split.train_y.to(self.device), train_t, eval_t,
                            self.device)
         self.method = method_class(arm.method.name)(self.net, arm.method.options, self.ctx)
+        graphs = engine.cuda_graph if engine.cuda_graph is not None else self.device.type == "cuda"
+        # Graph-ready (tensor learning rate, fused update) whenever capture may be tried; on a CPU that is
+        # the very step a GPU would capture, run eagerly.
+        self.graph_ready = bool(graphs) and self.method.graph_blocker is None
+        self.step = GraphedStep(self._step, arm.batch_size, self.device, enabled=bool(graphs),
+                                blocker=self.method.graph_blocker, note=self.progress.note)
         images, labels = (dataset.test_x, split.test_y) if evaluate_on == "test" else (dataset.train_x, split.train_y)
         self.evaluator = Evaluator(split, images, labels, evaluate_on, engine.eval_batch_size, self.device)
         self.state = LoopState()
@@ -202,7 +209,8 @@ class ArmTrainer:
     def _build_optimizer(self, task: int) -> None:
         opt_block: Block = self.arm.init_optimizer if task == 0 else self.arm.optimizer
         sched_block: Block = self.arm.init_lr_scheduler if task == 0 else self.arm.lr_scheduler
-        self.optimizer = build_optimizer(opt_block.name, opt_block.kwargs, self.net.parameters())
+        self.optimizer = build_optimizer(opt_block.name, opt_block.kwargs, self.net.parameters(),
+                                         graph_ready=self.graph_ready, device=self.device)
         self.scheduler = build_scheduler(self.optimizer, sched_block.options, self.arm.warmup)
 
     def _batch(self, index: torch.Tensor) -> Batch:
@@ -211,6 +219,12 @@ class ArmTrainer:
         if self.channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         return Batch(images, inputs, self.ctx.train_labels[index])
+
+    def _step(self, index: torch.Tensor) -> StepResult:
+        """One optimisation step on the examples ``index``: what ``self.step`` runs eagerly or captures."""
+        # autocast's weight cache would keep tensors made during capture alive across replays: off for graphs.
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.step.enabled):
+            return self.method.observe(self._batch(index), self.optimizer)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:
@@ -237,6 +251,7 @@ class ArmTrainer:
         if checkpoint["optimizer"] is not None:
             self._build_optimizer(self.state.task)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            lr_to_device(self.optimizer, self.device)
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"])
 
@@ -266,6 +281,7 @@ class ArmTrainer:
     def _train_task(self, task: int, stop: StopSignal) -> None:
         s = self.state
         mark = time.monotonic()
+        self.step.reset()
         if s.epoch == 0 and s.step == 0 and s.perm is None:
             self.method.before_task(task)
             self._build_optimizer(task)
@@ -301,15 +317,15 @@ class ArmTrainer:
         first_bad = torch.full((), steps, device=self.device, dtype=torch.long)
         start_step, seen = s.step, 0
         for step in range(start_step, steps):
-            batch = self._batch(s.perm[step * bs : (step + 1) * bs])
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                result = self.method.observe(batch, self.optimizer)
+            index = s.perm[step * bs : (step + 1) * bs]
+            self.method.count_step(len(index))
+            result = self.step(index)
             loss = result.loss.double()
             # Accumulated on the device and read once per epoch: no host synchronisation per step.
             first_bad = torch.where(torch.isfinite(loss) | (first_bad < steps), first_bad, step)
-            loss_sum += loss * len(batch.labels)
+            loss_sum += loss * len(index)
             correct += result.correct
-            seen += len(batch.labels)
+            seen += len(index)
             if stop.raised and step + 1 < steps:
                 s.step, s.loss_sum = step + 1, s.loss_sum + float(loss_sum)
                 s.correct, s.seen = s.correct + int(correct), s.seen + seen
@@ -319,7 +335,7 @@ class ArmTrainer:
             raise TrainingDiverged(f"arm {self.arm.name!r}: non-finite loss at task {task}, epoch {s.epoch}, "
                                    f"step {int(first_bad)}; the last good checkpoint is kept")
         total_loss, total_correct, total_seen = s.loss_sum + float(loss_sum), s.correct + int(correct), s.seen + seen
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
         self._log({"train_loss": total_loss / max(total_seen, 1), "train_acc": total_correct / max(total_seen, 1),
                    "lr": lr}, s.global_epoch)
@@ -345,7 +361,10 @@ class ArmTrainer:
             metrics.update({f"{name}_seen_acc": seen[-1], f"{name}_old_acc": old[-1], f"{name}_new_acc": new[-1]})
         for name, values in self.state.task_metrics.items():
             metrics[name] = values[-1]
+        metrics["graph_replays"] = self.step.replays
         self._log(metrics, task)
+        if self.run is not None:
+            self.run.set_tags({"cuda_graph": self.step.mode})
 
     def result(self) -> ArmResult:
         s, sizes = self.state, self.evaluator.sizes

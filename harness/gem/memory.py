@@ -49,14 +49,16 @@ class EpisodicMemory:
         self.n_memories = n_memories
         self.images = torch.zeros((num_tasks, n_memories, *image_shape), dtype=torch.uint8, device=device)
         self.labels = torch.zeros((num_tasks, n_memories), dtype=torch.long, device=device)
-        # Counts are host integers: batch sizes are known on the host, so keeping them needs no sync.
+        # The ring's write position lives on the device, so a step replayed from a CUDA graph advances it.
+        # How many slots hold examples is a host integer (it sets the memory's shape) kept by count_written.
+        self.cursor = torch.zeros(num_tasks, dtype=torch.long, device=device)
         self.count = [0] * num_tasks
-        self.cursor = [0] * num_tasks
 
     def write_ring(self, task: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         """The original GEM's policy: write examples as they stream, overwriting the oldest, so the memory
         ends holding the task's most recent ``n_memories`` examples. (The original code drops the part of a
-        batch that crosses the end of the ring; here it wraps around.)"""
+        batch that crosses the end of the ring; here it wraps around.) Device work only: the caller reports
+        the batch to ``count_written``."""
         n = self.n_memories
         if len(images) > n:
             images, labels = images[-n:], labels[-n:]
@@ -64,14 +66,17 @@ class EpisodicMemory:
         self.images[task, slots] = images
         self.labels[task, slots] = labels
         self.cursor[task] = (self.cursor[task] + len(images)) % n
-        self.count[task] = min(n, self.count[task] + len(images))
+
+    def count_written(self, task: int, written: int) -> None:
+        self.count[task] = min(self.n_memories, self.count[task] + written)
 
     def fill(self, task: int, images: torch.Tensor, labels: torch.Tensor) -> None:
         """Replace task ``task``'s memory with the given (at most ``n_memories``) examples."""
         count = len(images)
         self.images[task, :count] = images
         self.labels[task, :count] = labels
-        self.count[task], self.cursor[task] = count, count % self.n_memories
+        self.count[task] = count
+        self.cursor[task] = count % self.n_memories
 
     def task(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images[task, : self.count[task]], self.labels[task, : self.count[task]]
@@ -82,9 +87,10 @@ class EpisodicMemory:
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def state_dict(self) -> dict[str, object]:
-        return {"images": self.images, "labels": self.labels, "count": list(self.count), "cursor": list(self.cursor)}
+        return {"images": self.images, "labels": self.labels, "count": list(self.count), "cursor": self.cursor}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
         self.images.copy_(state["images"])  # type: ignore[arg-type]
         self.labels.copy_(state["labels"])  # type: ignore[arg-type]
-        self.count, self.cursor = list(state["count"]), list(state["cursor"])  # type: ignore[call-overload]
+        self.cursor.copy_(state["cursor"])  # type: ignore[arg-type]
+        self.count = list(state["count"])  # type: ignore[call-overload]

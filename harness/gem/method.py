@@ -66,6 +66,11 @@ class EpisodicMethod(Method):
         # The original GEM replays memories un-augmented; augmenting them is an option, not the default.
         return self.ctx.train_transform(images, train=self.options.augment_memory)
 
+    def count_step(self, batch_size: int) -> None:
+        self.steps += 1
+        if self.options.memory_fill == "ring":
+            self.memory.count_written(self.task, batch_size)
+
     def remember(self, batch: Batch) -> None:
         if self.options.memory_fill == "ring":
             self.memory.write_ring(self.task, batch.images, batch.labels)
@@ -145,7 +150,6 @@ class GEM(EpisodicMethod):
             self.projections += violated
             self.unconverged += ~converged
         optimizer.step()
-        self.steps += 1
         return StepResult(loss.detach(), correct)
 
     def task_metrics(self) -> dict[str, float]:
@@ -197,5 +201,4 @@ class AGEM(EpisodicMethod):
             assign_flat_gradient(self.params, torch.where(violated, projected, g))
             self.projections += violated
         optimizer.step()
-        self.steps += 1
         return StepResult(loss.detach(), correct)

@@ -46,9 +46,11 @@ def restrict_logits(logits: torch.Tensor, lo: int | torch.Tensor, hi: int | torc
     """Hide the classes outside ``[lo, hi)`` (per example when ``lo``/``hi`` are tensors): a loss or argmax
     over the result sees only those logits, and hidden classes get exactly zero gradient."""
     classes = torch.arange(logits.shape[1], device=logits.device)
-    lo_t = torch.as_tensor(lo, device=logits.device).reshape(-1, 1)
-    hi_t = torch.as_tensor(hi, device=logits.device).reshape(-1, 1)
-    return logits.masked_fill((classes < lo_t) | (classes >= hi_t), float("-inf"))
+    # Integer bounds stay Python scalars: turning them into device tensors would copy from the host,
+    # which a CUDA graph cannot capture.
+    lo = lo.reshape(-1, 1) if isinstance(lo, torch.Tensor) else lo
+    hi = hi.reshape(-1, 1) if isinstance(hi, torch.Tensor) else hi
+    return logits.masked_fill((classes < lo) | (classes >= hi), float("-inf"))
 
 
 def mask_bounds(mask: TrainMask, task: int, current: int, split: Split) -> tuple[int, int]:
@@ -70,9 +72,15 @@ class StepResult:
 
 
 class Method:
-    """Base class: plain cross-entropy on the current task's batch with the chosen logit mask."""
+    """Base class: plain cross-entropy on the current task's batch with the chosen logit mask.
+
+    ``observe`` may be captured in a CUDA graph and replayed (``harness.engine.graphs``), which runs its
+    kernels but none of its Python. So ``observe`` only enqueues device work, with shapes fixed for the task,
+    on tensors it updates in place; host bookkeeping belongs in ``count_step``. A method whose step must
+    talk to the host names the reason in ``graph_blocker`` and always runs eagerly."""
 
     name: ClassVar[str]
+    graph_blocker: ClassVar[str | None] = None
 
     @dataclass
     class Options:
@@ -100,6 +108,9 @@ class Method:
         logits = restrict_logits(self.net(inputs), *self.bounds(data_task))
         loss = nn.functional.cross_entropy(logits, labels)
         return loss, (logits.argmax(1) == labels).sum()
+
+    def count_step(self, batch_size: int) -> None:
+        """Host-side bookkeeping for the step about to run (called for every step, replayed or eager)."""
 
     def observe(self, batch: Batch, optimizer: torch.optim.Optimizer) -> StepResult:
         optimizer.zero_grad(set_to_none=False)
