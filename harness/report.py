@@ -52,7 +52,8 @@ def _label(parent: RunInfo, arm: RunInfo) -> str:
     """Device, whether the run was a reduced variant, and any command-line overrides."""
     variant = parent.tags.get("variant") or ""
     device = arm.tags.get("device", "?")
-    label = f"{'CPU' if device == 'cpu' else device}; {f'reduced (variant {variant})' if variant else 'full size'}"
+    size = {"": "full size", "task0": "task 0 only, full recipe (variant task0)"}.get(variant, f"reduced (variant {variant})")
+    label = f"{'CPU' if device == 'cpu' else device}; {size}"
     overrides = parent.tags.get("overrides", "[]")
     return label if overrides in ("[]", "") else f"{label}; overrides {overrides}"
 

@@ -185,3 +185,25 @@ def test_a_renamed_block_replaces_the_included_one() -> None:
     base = {"lr_scheduler": {"name": "MultiStepLR", "kwargs": {"milestones": [60], "gamma": 0.1}}}
     top = {"lr_scheduler": {"name": "StepLR", "kwargs": {"step_size": 30}}}
     assert deep_merge(base, top)["lr_scheduler"] == {"name": "StepLR", "kwargs": {"step_size": 30}}
+
+
+def test_arms_sharing_a_yaml_anchor_are_overridden_one_at_a_time(tmp_path: Path) -> None:
+    text = """
+name: anchors
+split: {dataset: digits, class_order: label, init_cls_num: 2, inc_cls_num: 2, task_num: 5}
+arms:
+  - &recipe
+    name: a
+    method: {name: finetune}
+    backbone: {name: mlp}
+    epoch: 1
+    batch_size: 32
+    optimizer: {name: SGD, kwargs: {lr: 0.1, momentum: 0.9}}
+  - <<: *recipe
+    name: b
+"""
+    path = tmp_path / "anchors.yaml"
+    path.write_text(text)
+    experiment = load_experiment(path, ["arms.b.optimizer.kwargs.lr=0.5"])
+    assert experiment.arm("a").optimizer.kwargs == {"lr": 0.1, "momentum": 0.9}
+    assert experiment.arm("b").optimizer.kwargs == {"lr": 0.5, "momentum": 0.9}

@@ -25,8 +25,18 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _unshared(node: object) -> object:
+    if isinstance(node, dict):
+        return {k: _unshared(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_unshared(v) for v in node]
+    return node
+
+
 def parse_yaml(text: str) -> object:
-    return yaml.load(text, Loader=_Loader)
+    # Anchors and merge keys (``<<: *recipe``) make arms share one object: give each its own copy, so that
+    # an override of one arm's value never reaches another's.
+    return _unshared(yaml.load(text, Loader=_Loader))
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
