@@ -54,6 +54,8 @@ def _label(parent: RunInfo, arm: RunInfo) -> str:
     device = arm.tags.get("device", "?")
     size = {"": "full size", "task0": "task 0 only, full recipe (variant task0)"}.get(variant, f"reduced (variant {variant})")
     label = f"{'CPU' if device == 'cpu' else device}; {size}"
+    if parent.status != "FINISHED":
+        label += f"; experiment {parent.status.lower()} (--resume {parent.run_id[:8]}…)"
     overrides = parent.tags.get("overrides", "[]")
     return label if overrides in ("[]", "") else f"{label}; overrides {overrides}"
 
@@ -78,7 +80,8 @@ def build_report(tracker: MlflowTracker, output: Path) -> str:
              "|---|---|---|---|---|---|---|---|"]
     plots = []
     for target in TARGETS:
-        parents = tracker.finished_runs(target.experiment, "experiment")
+        # An arm that finished is a measurement even when a later arm of its experiment was interrupted.
+        parents = tracker.runs_of_kind(target.experiment, "experiment", finished_only=False)
         rows = []
         for parent in parents:
             arms = {c.tags.get("arm"): c for c in tracker.children(parent.run_id) if c.status == "FINISHED"}
@@ -94,7 +97,7 @@ def build_report(tracker: MlflowTracker, output: Path) -> str:
               "| study | best validation | best recipe on test | best parameters | trials | wall s | commit |",
               "|---|---|---|---|---|---|---|"]
     for name in STUDIES:
-        studies = tracker.finished_runs(name, "study")
+        studies = tracker.runs_of_kind(name, "study")
         for study in studies:
             best = {k.removeprefix("best."): v for k, v in study.params.items() if k.startswith("best.")}
             lines.append(f"| {study.tags.get('study')} | {_fmt(study.metrics.get('best_value'))} | "

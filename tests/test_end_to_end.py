@@ -116,3 +116,10 @@ def test_reproduction_report_reads_runs_back_from_mlflow(tmp_path: Path, mlflow_
     assert "| tune_task0 | not run |" in text
     plots = list((output.parent / "reproduction").glob("gem_vs_pycil-*.png"))
     assert len(plots) == 1 and plots[0].name in text
+
+    # An arm that finished stays in the record when its experiment is later interrupted.
+    parent = arm_runs(mlflow_uri, "gem_vs_pycil").loc["gem", "tags.mlflow.parentRunId"]
+    MlflowClient(mlflow_uri).set_terminated(parent, "KILLED")
+    assert report(["--tracking-uri", mlflow_uri, "--output", str(output)]) == 0
+    gem_row = next(line for line in output.read_text().splitlines() if line.startswith("| gem_vs_pycil | gem |"))
+    assert f"task-0 {task0:.3f}" in gem_row and "experiment killed" in gem_row

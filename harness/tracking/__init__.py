@@ -202,13 +202,15 @@ class MlflowTracker(Tracker):
         experiment = self.client.get_experiment(parent.info.experiment_id).name
         return [self._info(r, experiment) for r in runs]
 
-    def finished_runs(self, experiment: str, kind: str, limit: int = 50) -> list[RunInfo]:
-        """Finished runs tagged ``kind`` (experiment parents, studies) in the named experiment, newest first."""
+    def runs_of_kind(self, experiment: str, kind: str, *, finished_only: bool = True, limit: int = 50) -> list[RunInfo]:
+        """Runs tagged ``kind`` (experiment parents, studies) in the named experiment, newest first: only
+        finished ones, or (``finished_only=False``) interrupted and running ones too."""
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             return []
-        runs = self.client.search_runs([found.experiment_id], f"tags.kind = '{kind}' and attributes.status = 'FINISHED'",
-                                       order_by=["attributes.start_time DESC"], max_results=limit)
+        query = f"tags.kind = '{kind}'" + (" and attributes.status = 'FINISHED'" if finished_only else "")
+        runs = self.client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"],
+                                       max_results=limit)
         return [self._info(r, experiment) for r in runs]
 
     def metric_history(self, run_id: str, key: str) -> list[float]:
