@@ -65,8 +65,12 @@ def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
             resume_run = Run(tracker, before.run_id) if before is not None else None
             outcomes.append(run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run))
     except BaseException as exc:
-        parent.set_tags({"resume_hint": f"python -m harness.run --resume {parent.run_id}"})
-        parent.end("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
+        hint = f"python -m harness.run --resume {parent.run_id}"
+        parent.set_tags({"resume_hint": hint})
+        stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+        parent.end("KILLED" if stopped else "FAILED")
+        if stopped:
+            raise Interrupted(f"{exc or 'stopped'}; continue with: {hint}") from None
         raise
     finally:
         progress.close()
@@ -163,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except (Interrupted, KeyboardInterrupt) as exc:
-        print(f"interrupted: {exc or 'stopped'}; continue with: python -m harness.run --resume <parent run id above>",
-              file=sys.stderr)
+        print(f"interrupted: {exc or 'stopped'}", file=sys.stderr)
         return 130
 
 

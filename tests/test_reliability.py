@@ -83,7 +83,7 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
     out, err = proc.communicate(timeout=120)
     parent_id = out.split("parent run ")[1].split()[0]
     if sig == signal.SIGINT:
-        assert proc.returncode == 130 and "harness.run --resume" in err
+        assert proc.returncode == 130 and f"continue with: python -m harness.run --resume {parent_id}" in err
         assert MlflowClient(uri).get_run(parent_id).info.status == "KILLED"
     else:
         assert proc.returncode == -signal.SIGKILL
