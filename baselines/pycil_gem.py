@@ -89,6 +89,10 @@ class PyCILGEM(Method):
             self.net.head.bias[lo:hi] = fresh.bias
         self.memory = [self._augmented_memory(k) for k in range(task)]
 
+    def resume_task(self, task: int) -> None:
+        # The checkpoint holds the weights (new head rows included) and the augmented memory of this task.
+        self.task = task
+
     def _augmented_memory(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Task k's exemplars through the training transform, once for the whole task."""
         index = torch.cat([self.exemplars[c] for c in range(*self.ctx.split.bounds[k])])

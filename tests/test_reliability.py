@@ -13,11 +13,14 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from harness.engine.trainer import load_checkpoint, save_checkpoint
+from harness.config.experiment import parse_experiment
+from harness.engine.runner import build_split
+from harness.engine.trainer import ArmTrainer, load_checkpoint, save_checkpoint
 from harness.errors import UserError
 from harness.run import main
 from tests.conftest import CIFAR100, MNIST, ROOT, digits_arm, digits_experiment, needs_cifar, write_yaml
@@ -222,3 +225,31 @@ def test_corrupt_image_and_missing_class_folder(tmp_path: Path, capsys: pytest.C
     _expect_exit_2([str(path), "--dry-run"], capsys, names[0], "missing class folder")
     shutil.rmtree(tmp_path / "train" / names[5])
     _expect_exit_2([str(path), "--dry-run"], capsys, "99 class folders")
+
+
+class _Stop(Exception):
+    """Raised from the epoch callback: the trainer stops as if the process had died there."""
+
+
+@pytest.mark.parametrize("method", [{"name": "pycil_gem", "kwargs": {"memory_size": 40}},
+                                    {"name": "gem", "kwargs": {"n_memories": 16, "memory_fill": "herding"}}],
+                         ids=["pycil_gem", "gem_herding"])
+@pytest.mark.parametrize("stop_at", [(1, 1), (1, 0)], ids=["mid_task", "task_boundary"])
+def test_resume_continues_methods_that_change_weights_when_a_task_starts(
+        tmp_path: Path, method: dict, stop_at: tuple[int, int]) -> None:
+    """pycil_gem re-initialises the new task's head rows and re-augments its memory when a task starts; a
+    resume must take both from the checkpoint instead (mid-task) or redo them exactly once (at a boundary)."""
+    experiment = parse_experiment(digits_experiment([digits_arm("a", method, epoch=3)], task_num=3), "t.yaml")
+    split = build_split(experiment)
+    reference = ArmTrainer(experiment.arm("a"), split, None).fit()
+
+    def stop(trainer: ArmTrainer, task: int, epoch: int) -> None:
+        if (task, epoch) == stop_at:  # the checkpoint before this epoch's end is the last one written
+            raise _Stop
+
+    folder = tmp_path / "checkpoints"
+    with pytest.raises(_Stop):
+        ArmTrainer(experiment.arm("a"), split, None, on_epoch=stop, checkpoint_dir=folder).fit()
+    resumed = ArmTrainer(experiment.arm("a"), split, None, checkpoint_dir=folder).fit(load_checkpoint(folder))
+    for name, matrix in reference.matrices.items():
+        np.testing.assert_array_equal(resumed.matrices[name], matrix, err_msg=name)

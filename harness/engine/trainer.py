@@ -246,7 +246,7 @@ class ArmTrainer:
         for key, value in checkpoint["loop"].items():
             setattr(self.state, key, value)
         self.net.load_state_dict(checkpoint["net"])
-        self.method.before_task(self.state.task)
+        self.method.resume_task(self.state.task)
         self.method.load_state_dict(_to_device(checkpoint["method"], self.device))
         if checkpoint["optimizer"] is not None:
             self._build_optimizer(self.state.task)

@@ -101,6 +101,12 @@ class Method:
     def before_task(self, task: int) -> None:
         self.task = task
 
+    def resume_task(self, task: int) -> None:
+        """Prepare to continue task ``task`` from a checkpoint, before ``load_state_dict``: allocate what the
+        task needs, but leave the network and anything the checkpoint restores alone. The default is
+        ``before_task``; a method whose ``before_task`` changes weights or draws new state overrides it."""
+        self.before_task(task)
+
     def bounds(self, data_task: int) -> tuple[int, int]:
         return mask_bounds(self.options.train_mask, data_task, self.task, self.ctx.split)
 
