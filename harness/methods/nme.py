@@ -31,10 +31,12 @@ def class_means(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_
 
 @torch.no_grad()
 def cnn_and_nme_scores(net: nn.Module, inputs: torch.Tensor, means: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The network's logits and, once class means exist, the NME scores (for arms with exemplars)."""
-    scores = {"cnn": net(inputs)}
+    """The network's logits and, once class means exist, the NME scores (for arms with exemplars), from one
+    pass through the backbone."""
+    features = net.features(inputs)
+    scores = {"cnn": net.head(features)}
     if means is not None:
-        scores["nme"] = nme_scores(net.features(inputs), means)
+        scores["nme"] = nme_scores(features, means)
     return scores
 
 
