@@ -64,9 +64,9 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     scheduler (say MultiStepLR's milestones under a StepLR) would not fit it."""
     merged = copy.deepcopy(base)
     for key, value in top.items():
-        renamed = isinstance(value, dict) and isinstance(merged.get(key), dict) and \
-            "name" in value and value["name"] != merged[key].get("name", value["name"])
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not renamed:
+        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        renamed = both and "name" in value and "name" in merged[key] and value["name"] != merged[key]["name"]
+        if both and not renamed:
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)

@@ -198,7 +198,7 @@ def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str
         values = {d.name: d.suggest(trial) for d in tuner.dims}
         run = tracker.start(f"trial {trial.number}", {"kind": "trial", "study": name, "trial": trial.number,
                                                       "arm": options.arm}, parent=parent)
-        run.log_params({"trial": {k: v for k, v in values.items()}})
+        run.log_params({"trial": values})
         try:
             value = tuner.train(values, run, "val", trial)
             if not math.isfinite(value):
