@@ -8,6 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness.config.experiment import parse_experiment
+from harness.engine.progress import Progress
+from harness.engine.runner import build_split
+from harness.engine.trainer import ArmTrainer
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HARNESS_SHARED_DATA", ROOT.parent / "shared" / "data"))
 CIFAR100 = SHARED_DATA / "cifar100"
@@ -37,6 +42,12 @@ def digits_experiment(arms: list[dict], **split: object) -> dict:
                       "task_num": 5, "seed": 0, **split},
             "engine": {"device": "cpu", "deterministic": True},
             "arms": arms}
+
+
+def digits_trainer(arms: list[dict], arm: str, progress: Progress | None = None, **split: object) -> ArmTrainer:
+    """The trainer of arm ``arm`` of a digits experiment with these arms (no tracking)."""
+    experiment = parse_experiment(digits_experiment(arms, **split), "test.yaml")
+    return ArmTrainer(experiment.arm(arm), build_split(experiment), None, progress)
 
 
 def write_yaml(path: Path, data: dict) -> Path:

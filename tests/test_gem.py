@@ -5,21 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.config.experiment import parse_experiment
-from harness.engine.runner import build_split
-from harness.engine.trainer import ArmTrainer
 from harness.gem.memory import EpisodicMemory, herding_selection, per_class_quota
 from harness.methods.base import Batch, mask_bounds, restrict_logits
-from tests.conftest import digits_arm, digits_experiment
-
-
-def trainer_for(arms: list[dict], arm: str, **split: object) -> ArmTrainer:
-    experiment = parse_experiment(digits_experiment(arms, **split), "test.yaml")
-    return ArmTrainer(experiment.arm(arm), build_split(experiment), None)
+from tests.conftest import digits_arm, digits_trainer
 
 
 def test_ring_memory_holds_the_last_n_streamed_examples() -> None:
-    trainer = trainer_for([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 50}})], "gem")
+    trainer = digits_trainer([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 50}})], "gem")
     gem, ctx = trainer.method, trainer.ctx
     gem.before_task(0)
     trainer._build_optimizer(0)
@@ -49,7 +41,7 @@ def test_ring_write_of_a_batch_larger_than_memory_keeps_its_tail() -> None:
 
 @pytest.mark.parametrize("mask, expected", [("task", (4, 6)), ("seen", (0, 6)), ("none", (0, 10))])
 def test_each_mask_exposes_exactly_its_logits(mask: str, expected: tuple[int, int]) -> None:
-    split = trainer_for([digits_arm("a", {"name": "finetune"})], "a").split
+    split = digits_trainer([digits_arm("a", {"name": "finetune"})], "a").split
     assert split.offsets == [0, 2, 4, 6, 8, 10]
     assert mask_bounds(mask, 2, 2, split) == expected
     logits = torch.randn(5, 10, requires_grad=True)
@@ -60,7 +52,7 @@ def test_each_mask_exposes_exactly_its_logits(mask: str, expected: tuple[int, in
 
 
 def test_memory_gradient_of_a_past_task_only_sees_that_tasks_classes() -> None:
-    trainer = trainer_for([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 20, "memory_fill": "random"}})],
+    trainer = digits_trainer([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 20, "memory_fill": "random"}})],
                           "gem")
     gem = trainer.method
     gem.before_task(0)
@@ -85,8 +77,8 @@ def test_herding_picks_examples_that_track_the_class_mean() -> None:
 def test_gem_keeps_task_incremental_accuracy_where_finetune_forgets() -> None:
     arms = [digits_arm("finetune", {"name": "finetune", "kwargs": {"train_mask": "task"}}),
             digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 64, "train_mask": "task"}})]
-    finetune = trainer_for(arms, "finetune").fit().summary
-    gem_trainer = trainer_for(arms, "gem")
+    finetune = digits_trainer(arms, "finetune").fit().summary
+    gem_trainer = digits_trainer(arms, "gem")
     gem = gem_trainer.fit().summary
     assert finetune["til_bwt"] < -0.05
     assert gem["til_bwt"] > finetune["til_bwt"] + 0.05
@@ -97,7 +89,7 @@ def test_gem_keeps_task_incremental_accuracy_where_finetune_forgets() -> None:
 
 def test_agem_projects_only_against_violated_reference() -> None:
     arms = [digits_arm("agem", {"name": "agem", "kwargs": {"n_memories": 32, "sample_size": 16}}, epoch=2)]
-    trainer = trainer_for(arms, "agem")
+    trainer = digits_trainer(arms, "agem")
     result = trainer.fit()
     fractions = trainer.state.task_metrics["agem_projection_fraction"]
     assert fractions[0] == 0 and 0 < max(fractions) <= 1

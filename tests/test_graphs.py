@@ -14,12 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from harness.config.experiment import parse_experiment
 from harness.engine.progress import Progress
-from harness.engine.runner import build_split
 from harness.engine.trainer import ArmTrainer
 from harness.gem.method import flat_gradient
-from tests.conftest import digits_arm, digits_experiment
+from tests.conftest import digits_arm, digits_trainer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 GEM = {"name": "gem", "kwargs": {"n_memories": 40}}
@@ -39,8 +37,7 @@ class Notes(Progress):
 def trainer(device: str, cuda_graph: bool, method: dict[str, Any], progress: Progress | None = None,
             **arm: Any) -> ArmTrainer:
     engine = {"device": device, "deterministic": True, "seed": 3, "cuda_graph": cuda_graph, "amp": False}
-    experiment = parse_experiment(digits_experiment([digits_arm("a", method, engine=engine, **arm)]), "test.yaml")
-    return ArmTrainer(experiment.arm("a"), build_split(experiment), None, progress)
+    return digits_trainer([digits_arm("a", method, engine=engine, **arm)], "a", progress)
 
 
 def full_batches(t: ArmTrainer, task: int, count: int) -> list[torch.Tensor]:

@@ -8,11 +8,8 @@ from typing import Any
 import torch
 
 from baselines.pycil_gem import quadprog_projection
-from harness.config.experiment import parse_experiment
-from harness.engine.runner import build_split
-from harness.engine.trainer import ArmTrainer
 from harness.gem import project_gradient
-from tests.conftest import digits_arm, digits_experiment
+from tests.conftest import digits_arm, digits_trainer
 
 
 def spy(method: object, hook: str, snapshot: Callable[[Any], Any]) -> list[Any]:
@@ -29,10 +26,8 @@ def spy(method: object, hook: str, snapshot: Callable[[Any], Any]) -> list[Any]:
 
 
 def test_exemplar_budget_is_split_over_seen_classes_and_old_classes_keep_a_prefix() -> None:
-    experiment = parse_experiment(digits_experiment([digits_arm("p", {"name": "pycil_gem",
-                                                                     "kwargs": {"memory_size": 60}}, epoch=1)],
-                                                    task_num=3), "t.yaml")
-    trainer = ArmTrainer(experiment.arm("p"), build_split(experiment), None)
+    trainer = digits_trainer([digits_arm("p", {"name": "pycil_gem", "kwargs": {"memory_size": 60}}, epoch=1)], "p",
+                             task_num=3)
     method = trainer.method
     history = spy(method, "after_task", lambda m: {c: v.clone() for c, v in m.exemplars.items()})
     result = trainer.fit()
@@ -47,10 +42,8 @@ def test_exemplar_budget_is_split_over_seen_classes_and_old_classes_keep_a_prefi
 
 
 def test_memory_is_augmented_once_per_task() -> None:
-    experiment = parse_experiment(digits_experiment([digits_arm(
-        "p", {"name": "pycil_gem", "kwargs": {"memory_size": 40}}, epoch=2, augment={"crop": 2, "flip": True})],
-        task_num=2), "t.yaml")
-    trainer = ArmTrainer(experiment.arm("p"), build_split(experiment), None)
+    trainer = digits_trainer([digits_arm("p", {"name": "pycil_gem", "kwargs": {"memory_size": 40}}, epoch=2,
+                                         augment={"crop": 2, "flip": True})], "p", task_num=2)
     method = trainer.method
     snapshots = spy(method, "before_task", lambda m: ([x.clone() for x, _ in m.memory],
                                                       {c: v.clone() for c, v in m.exemplars.items()}))
