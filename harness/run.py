@@ -7,14 +7,16 @@ experiment: finished arms are kept, the interrupted arm continues from its check
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from harness.config.experiment import Experiment, load_experiment
+from harness.config.experiment import ArmRecipe, Experiment, load_experiment, parse_seeds
 from harness.data.split import Split
 from harness.engine.progress import Progress
 from harness.engine.runner import ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
@@ -22,7 +24,7 @@ from harness.engine.trainer import Interrupted
 from harness.errors import UserError
 from harness.tracking import Run, RunInfo, Tracker, make_tracker
 
-RESOLVED = "experiment.json"
+RESOLVED = "experiment_resolved.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key.path=value overrides (arms addressed by name)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, or 'none' for a local folder")
     parser.add_argument("--variant", help="apply the named entry of the file's variants: block (e.g. quick)")
+    parser.add_argument("--seeds", help="engine seeds, comma-separated (0,1,2): every arm runs once per seed")
+    parser.add_argument("--arms", help="run only these arms of the file, comma-separated")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved experiment and plan")
     parser.add_argument("--resume", metavar="PARENT_RUN_ID", help="continue an interrupted experiment")
     parser.add_argument("--force", action="store_true", help="resume even if the experiment file changed")
@@ -38,32 +42,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if args.resume is None and args.experiment is None:
         parser.error("an experiment file (or --resume PARENT_RUN_ID) is required")
-    if args.resume is not None and (args.experiment or args.overrides):
-        parser.error("--resume takes the experiment file and overrides recorded in the parent run")
+    if args.resume is not None and (args.experiment or args.overrides or args.seeds or args.arms):
+        parser.error("--resume takes the experiment file, overrides, seeds and arms recorded in the parent run")
     return args
 
 
+def seeds_override(text: str | None) -> list[str]:
+    """``--seeds 0,1,2`` as the override ``seeds=[0, 1, 2]`` (so a resume re-applies it like any override)."""
+    if text is None:
+        return []
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise UserError(f"--seeds {text!r}: must be comma-separated integers, e.g. 0,1,2") from None
+    parse_seeds(seeds, "--seeds", None)
+    return [f"seeds={json.dumps(seeds)}"]
+
+
 def total_epochs(experiment: Experiment, tasks: int) -> int:
-    return sum(arm.init_epoch + arm.epoch * (tasks - 1) for arm in experiment.arms)
+    return sum(arm.init_epoch + arm.epoch * (tasks - 1) for arm in experiment.seeded_arms())
 
 
-def _outcome_from_run(tracker: Tracker, info: RunInfo, method: str) -> ArmOutcome:
-    return ArmOutcome(info.name, method, info.run_id, info.metrics, tracker.metric_history(info.run_id, "cil_seen_acc"))
+def _outcome_from_run(tracker: Tracker, info: RunInfo, arm: ArmRecipe) -> ArmOutcome:
+    return ArmOutcome(arm.name, arm.method.name, info.run_id, info.metrics,
+                      tracker.metric_history(info.run_id, "cil_seen_acc"), arm.engine.seed)
+
+
+def run_key(info: RunInfo) -> tuple[str, int]:
+    """(arm, seed) of an arm's run; runs recorded before seeds were tags carry the seed as a parameter."""
+    return info.tags.get("arm", info.name), int(info.tags.get("seed", info.params.get("engine.seed", 0)))
 
 
 def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run, progress: Progress,
-            previous: dict[str, RunInfo] | None = None) -> list[ArmOutcome]:
-    """Run (or, on resume, finish) every arm; the parent is marked KILLED/FAILED with a resume hint on error."""
+            previous: dict[tuple[str, int], RunInfo] | None = None, restart: bool = False) -> list[ArmOutcome]:
+    """Run (or, on resume, finish) every arm and seed; the parent is marked KILLED/FAILED with a resume hint
+    on error."""
     outcomes = []
     try:
-        for arm in experiment.arms:
-            before = (previous or {}).get(arm.name)
+        for arm in experiment.seeded_arms():
+            before = (previous or {}).get((arm.name, arm.engine.seed))
             if before is not None and before.status == "FINISHED":
-                progress.note(f"{arm.name}: finished before, kept ({before.run_id})")
-                outcomes.append(_outcome_from_run(tracker, before, arm.method.name))
+                progress.note(f"{before.name}: finished before, kept ({before.run_id})")
+                outcomes.append(_outcome_from_run(tracker, before, arm))
                 continue
             resume_run = Run(tracker, before.run_id) if before is not None else None
-            outcomes.append(run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run))
+            outcomes.append(run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run,
+                                    restart=restart))
     except BaseException as exc:
         hint = f"python -m harness.run --resume {parent.run_id}"
         parent.set_tags({"resume_hint": hint})
@@ -80,8 +104,18 @@ def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
     return outcomes
 
 
+def only_arms(experiment: Experiment, names: str | None) -> Experiment:
+    """The experiment restricted to the named arms (``--arms a,b``), in the file's order."""
+    if not names:
+        return experiment
+    wanted = names.split(",")
+    arms = [experiment.arm(name) for name in wanted]  # an unknown name is a UserError with did-you-mean
+    return dataclasses.replace(experiment, arms=[a for a in experiment.arms if a in arms])
+
+
 def start(args: argparse.Namespace) -> int:
-    experiment = load_experiment(args.experiment, args.overrides, args.variant)
+    args.overrides = [*args.overrides, *seeds_override(args.seeds)]
+    experiment = only_arms(load_experiment(args.experiment, args.overrides, args.variant), args.arms)
     uri = args.tracking_uri or experiment.tracking.uri
     if args.dry_run:
         split = build_split(experiment)
@@ -93,16 +127,16 @@ def start(args: argparse.Namespace) -> int:
     split = build_split(experiment)
     parent = tracker.start(experiment.name, {
         "kind": "experiment", "experiment_file": str(Path(args.experiment).resolve()),
-        "overrides": json.dumps(args.overrides), "variant": args.variant or "", "git_commit": git_commit(),
+        "overrides": json.dumps(args.overrides), "variant": args.variant or "", "arms": args.arms or "",
+        "git_commit": git_commit(),
         "split_hash": split.digest})
     print(f"parent run {parent.run_id} ({tracker.description})", flush=True)
-    parent.log_params({"split": split_params(experiment, split), "arms": [a.name for a in experiment.arms]})
-    folder = parent.local_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / RESOLVED).write_text(json.dumps(experiment.raw, sort_keys=True, default=str))
-    resolved_yaml = folder / "experiment_resolved.yaml"
-    resolved_yaml.write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
-    parent.log_artifact(resolved_yaml)
+    parent.log_params({"split": split_params(experiment, split), "arms": [a.name for a in experiment.arms],
+                       "seeds": experiment.seeds})
+    with tempfile.TemporaryDirectory() as tmp:  # what --resume compares the experiment file against
+        resolved = Path(tmp) / RESOLVED
+        resolved.write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
+        parent.log_artifact(resolved)
     progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
     execute(experiment, split, tracker, parent, progress)
     return 0
@@ -135,13 +169,11 @@ def resume(args: argparse.Namespace) -> int:
     if info.status == "FINISHED":
         raise UserError(f"experiment run {args.resume} already finished; nothing to resume")
     tracker.use_experiment(info.experiment)
-    experiment = load_experiment(info.tags["experiment_file"], json.loads(info.tags.get("overrides", "[]")),
-                                 info.tags.get("variant") or None)
-    recorded = tracker.local_dir(args.resume) / RESOLVED
-    if recorded.is_file():
-        before = json.loads(recorded.read_text())
-        now = json.loads(json.dumps(experiment.raw, sort_keys=True, default=str))
-        diff = changed_keys(before, now)
+    experiment = only_arms(load_experiment(info.tags["experiment_file"], json.loads(info.tags.get("overrides", "[]")),
+                                           info.tags.get("variant") or None), info.tags.get("arms"))
+    recorded = tracker.read_artifact(args.resume, RESOLVED)
+    if recorded is not None:
+        diff = changed_keys(yaml.safe_load(recorded), yaml.safe_load(yaml.safe_dump(experiment.raw)))
         if diff and not args.force:
             raise UserError(f"{info.tags['experiment_file']} changed since run {args.resume} started "
                             f"(keys: {', '.join(diff[:12])}); pass --force to continue anyway")
@@ -153,9 +185,9 @@ def resume(args: argparse.Namespace) -> int:
     print(f"resuming parent run {parent.run_id} ({tracker.description})", flush=True)
     previous = {}
     for child in sorted(tracker.children(args.resume), key=lambda c: c.status == "FINISHED"):
-        previous[child.name] = child  # a FINISHED run of an arm wins over an interrupted one
+        previous[run_key(child)] = child  # a FINISHED run of an arm and seed wins over an interrupted one
     progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
-    execute(experiment, split, tracker, parent, progress, previous)
+    execute(experiment, split, tracker, parent, progress, previous, restart=args.force)
     return 0
 
 

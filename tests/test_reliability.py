@@ -71,7 +71,9 @@ def _interrupt_mid_gem_task(proc: subprocess.Popen, store: Path, sig: int) -> No
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: int) -> None:
+def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # where the runs' checkpoints go
     path = write_yaml(tmp_path / "exp.yaml", digits_experiment(ARMS))
     reference_uri = f"sqlite:///{tmp_path / 'ref' / 'mlflow.db'}"
     assert main([str(path), "--tracking-uri", reference_uri, "--quiet"]) == 0
@@ -82,7 +84,7 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
     store = tmp_path / "int"
     uri = f"sqlite:///{store / 'mlflow.db'}"
     proc = _start(path, uri)
-    _interrupt_mid_gem_task(proc, store, sig)
+    _interrupt_mid_gem_task(proc, tmp_path / "cache", sig)
     out, err = proc.communicate(timeout=120)
     parent_id = out.split("parent run ")[1].split()[0]
     if sig == signal.SIGINT:

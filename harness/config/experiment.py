@@ -22,11 +22,12 @@ from harness.data.augment import NO_AUGMENT, AugmentOptions
 from harness.data.datasets import DATASETS, list_class_folders
 from harness.data.split import task_offsets
 from harness.engine.optim import OPTIMIZERS, SCHEDULERS
+from harness.engine.precision import Switch
 from harness.errors import ConfigError
 from harness.methods import EPISODIC_METHODS, METHODS, method_class
 from harness.models import BACKBONES, LIBCONTINUAL_BACKBONE_KEYS, build_backbone
 
-TOP_KEYS = ("name", "description", "split", "arms", "tracking", "engine", "search", "variants")
+TOP_KEYS = ("name", "description", "split", "seeds", "arms", "tracking", "engine", "search", "variants")
 SPLIT_KEYS = ("dataset", "data_root", "class_order", "init_cls_num", "inc_cls_num", "task_num", "seed", "val_fraction",
               "protocol", "samples_per_task")
 PROTOCOLS = ("class_incremental", "permutations", "rotations")
@@ -47,17 +48,19 @@ REPLAY_BUFFER_SENTENCE = (
 
 @dataclass
 class EngineOptions:
-    """Where and how arms run. ``cuda_graph`` (the whole step captured and replayed, ``harness.engine.graphs``),
-    ``amp`` (bf16 autocast) and ``channels_last``: null = on for CUDA, off on CPU. ``workers`` is accepted for
-    LibContinual files and recorded: batches come from device-resident tensors."""
+    """Where and how arms run. ``cuda_graph`` (the whole step captured and replayed, ``harness.engine.graphs``):
+    null = on for CUDA. ``amp`` (bf16 autocast) and ``channels_last``: ``auto`` = on for CUDA and for CPUs that
+    compute bf16 natively (``harness.engine.precision``). ``compile``: ``torch.compile`` the backbone (opt-in).
+    ``workers`` is accepted for LibContinual files and recorded: batches come from device-resident tensors."""
 
     device: str = "auto"
     deterministic: bool = False
     seed: int = 0
     workers: int = opt(0, lo=0)
     cuda_graph: bool | None = None
-    amp: bool | None = None
-    channels_last: bool | None = None
+    amp: Switch = "auto"
+    channels_last: Switch = "auto"
+    compile: bool = False
     checkpoint_every: int = opt(1, lo=0)
     eval_batch_size: int = opt(1000, lo=1)
 
@@ -131,6 +134,9 @@ class ArmRecipe:
 
 @dataclass
 class Experiment:
+    """``seeds``: engine seeds every arm runs with, one run per arm and seed (None: each arm's
+    ``engine.seed``). The split (class order, which images each task gets) stays fixed by ``split.seed``."""
+
     name: str
     source: str
     split: SplitSpec
@@ -139,12 +145,33 @@ class Experiment:
     engine: EngineOptions
     search: dict[str, Any] | None
     raw: dict[str, Any]
+    seeds: list[int] | None = None
 
     def arm(self, name: str) -> ArmRecipe:
         for arm in self.arms:
             if arm.name == name:
                 return arm
         raise ConfigError(f"no arm named {name!r}{did_you_mean(name, [a.name for a in self.arms])}", source=self.source)
+
+    def seeded_arms(self) -> list[ArmRecipe]:
+        """Every (arm, seed) to train, arm by arm: the arm's recipe with ``engine.seed`` set to the seed."""
+        return [dataclasses.replace(arm, engine=dataclasses.replace(arm.engine, seed=seed))
+                for arm in self.arms for seed in (self.seeds or [arm.engine.seed])]
+
+
+def parse_seeds(value: Any, key: str, source: str | None) -> list[int] | None:
+    """A non-empty list of distinct integers, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"must be a non-empty list of integer seeds, not {value!r}", key=key, source=source)
+    for i, seed in enumerate(value):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"must be an integer, not {seed!r}", key=f"{key}[{i}]", source=source)
+    repeated = sorted({s for s in value if value.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"lists seed {repeated[0]} more than once", key=key, source=source)
+    return list(value)
 
 
 def _require(raw: dict[str, Any], key: str, types: tuple[type, ...], where: str, source: str) -> Any:
@@ -434,7 +461,7 @@ def parse_experiment(raw: dict[str, Any], source: str) -> Experiment:
     if search is not None:
         _typed(search, (dict,), "search", source)
     return Experiment(str(name), source, split, arms, tracking, build_options(EngineOptions, engine, key="engine",
-                      source=source), search, raw)
+                      source=source), search, raw, parse_seeds(raw.get("seeds"), "seeds", source))
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None, variant: str | None = None) -> Experiment:

@@ -41,8 +41,9 @@ class BatchTransform:
     """Turns uint8 images ``[B, C, H, W]`` into the network's float input, augmenting when training."""
 
     def __init__(self, options: AugmentOptions, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device) -> None:
-        self.options = options
+                 device: torch.device, *, channels_last: bool = False) -> None:
+        """``channels_last``: return NHWC-strided inputs, for a network kept in channels-last memory."""
+        self.options, self.channels_last = options, channels_last
         self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, -1, 1, 1)
 
@@ -59,4 +60,4 @@ class BatchTransform:
             x = (x * factor).clamp_(0.0, 1.0)
         if o.normalize:
             x = (x - self.mean) / self.std
-        return x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

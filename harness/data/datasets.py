@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from harness.errors import DataError
+from harness.paths import cache_dir
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -50,11 +51,6 @@ class DatasetInfo:
     std: tuple[float, ...]
     needs_root: bool
     load: Callable[[Path | None, list[int]], tuple[torch.Tensor, ...]]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("HARNESS_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "harness")
-    return Path(root).expanduser()
 
 
 def _select(x: np.ndarray, y: np.ndarray, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,9 +20,11 @@ from harness.data.datasets import DATASETS, load_dataset
 from harness.data.domains import expand_tasks
 from harness.data.split import Split, class_order, make_split
 from harness.engine.progress import Progress
-from harness.engine.trainer import ArmResult, ArmTrainer, Interrupted, load_checkpoint, resolve_device
+from harness.engine.trainer import CHECKPOINT, ArmResult, ArmTrainer, Interrupted, load_checkpoint, resolve_device
+from harness.errors import UserError
 from harness.methods import method_class
 from harness.metrics import seen_accuracy
+from harness.paths import run_work_dir
 from harness.tracking import Run, Tracker
 from harness.tracking.plots import accuracy_curves, matrix_heatmap
 
@@ -87,6 +89,7 @@ class ArmOutcome:
     run_id: str | None
     summary: dict[str, float]
     cil_curve: list[float]
+    seed: int = 0
 
 
 def _log_artifacts(run: Run, arm: ArmRecipe, result: ArmResult, folder: Path) -> None:
@@ -102,20 +105,38 @@ def _log_artifacts(run: Run, arm: ArmRecipe, result: ArmResult, folder: Path) ->
         run.log_artifact(path)
 
 
+def run_name(arm: ArmRecipe, experiment: Experiment) -> str:
+    """``arm``, or ``arm seed=N`` when the experiment runs several seeds."""
+    return f"{arm.name} seed={arm.engine.seed}" if experiment.seeds and len(experiment.seeds) > 1 else arm.name
+
+
+def _resume_checkpoint(run: Run, arm: ArmRecipe, folder: Path, restart: bool) -> dict[str, Any] | None:
+    """The interrupted run's checkpoint; a missing one stops the resume unless ``restart`` (``--force``)."""
+    checkpoint = load_checkpoint(folder)
+    if checkpoint is None and not restart:
+        raise UserError(f"run {run.run_id} (arm {arm.name}, seed {arm.engine.seed}): no checkpoint at "
+                        f"{folder / CHECKPOINT}; pass --force to restart this arm from its first task")
+    return checkpoint
+
+
 def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
-            progress: Progress, *, resume_run: Run | None = None) -> ArmOutcome:
-    """Train one arm into its own run (a fresh one, or ``resume_run`` continued from its checkpoint)."""
+            progress: Progress, *, resume_run: Run | None = None, restart: bool = False) -> ArmOutcome:
+    """Train one arm with one seed into its own run (a fresh one, or ``resume_run`` continued from its
+    checkpoint; ``restart``: start ``resume_run`` over if its checkpoint is gone)."""
     device = resolve_device(arm.engine.device)
-    tags = {"arm": arm.name, "method": arm.method.name, "device": _device_name(device), "git_commit": git_commit(),
-            "split_hash": split.digest, "experiment": experiment.name}
+    tags = {"arm": arm.name, "seed": arm.engine.seed, "method": arm.method.name, "device": _device_name(device),
+            "git_commit": git_commit(), "split_hash": split.digest, "experiment": experiment.name}
+    folder = run_work_dir(resume_run.run_id) if resume_run is not None else None
+    checkpoint = None
     if resume_run is None:
-        run = tracker.start(arm.name, tags, parent=parent)
+        run = tracker.start(run_name(arm, experiment), tags, parent=parent)
         run.log_params({"split": split_params(experiment, split), **arm.to_dict()})
+        folder = run_work_dir(run.run_id)
     else:
         run = resume_run
+        checkpoint = _resume_checkpoint(run, arm, folder / "checkpoints", restart)
         tracker.reopen(run.run_id)
         run.set_tags({**tags, "resumed": "true"})
-    folder = run.local_dir()
     checkpoints = folder / "checkpoints"
     run.set_tags({"resume_hint": f"python -m harness.run --resume {parent.run_id}", "checkpoint_dir": str(checkpoints)})
     log_path = folder / "arm.log"  # beside the checkpoints, appended to when the arm resumes
@@ -124,7 +145,8 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
         progress.log = log
         try:
             trainer = ArmTrainer(arm, split, run, progress, checkpoint_dir=checkpoints)
-            result = trainer.fit(load_checkpoint(checkpoints) if resume_run is not None else None)
+            run.set_tags(trainer.precision.tags)
+            result = trainer.fit(checkpoint)
         except BaseException as exc:
             progress.note(f"{arm.name}: stopped: {exc}")
             log.flush()
@@ -141,7 +163,7 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
     run.log_artifact(log_path)
     run.end("FINISHED")
     curve = seen_accuracy(result.matrices["cil"], result.sizes).tolist()
-    return ArmOutcome(arm.name, arm.method.name, run.run_id, result.summary, curve)
+    return ArmOutcome(arm.name, arm.method.name, run.run_id, result.summary, curve, arm.engine.seed)
 
 
 def _device_name(device: torch.device) -> str:
@@ -151,18 +173,42 @@ def _device_name(device: torch.device) -> str:
 
 
 def comparison_table(outcomes: list[ArmOutcome]) -> pd.DataFrame:
-    rows = [{"arm": o.arm, "method": o.method, **{c: o.summary.get(c, np.nan) for c in TABLE_COLUMNS}} for o in outcomes]
-    table = pd.DataFrame(rows).set_index("arm")
-    return table.dropna(axis=1, how="all")
+    """Per arm and metric: mean, sample std (ddof 1; NaN for one seed) and n over the arm's seeds."""
+    rows = [{"arm": o.arm, "seed": o.seed, **{c: o.summary.get(c, np.nan) for c in TABLE_COLUMNS}} for o in outcomes]
+    frame = pd.DataFrame(rows).dropna(axis=1, how="all")
+    columns = [c for c in TABLE_COLUMNS if c in frame.columns]
+    stats = frame.groupby("arm", sort=False)[columns].agg(["mean", "std", "count"])
+    return stats.rename(columns={"count": "n"}, level=1)
+
+
+def format_table(stats: pd.DataFrame) -> pd.DataFrame:
+    """``mean ± std (n)`` strings, one column per metric."""
+    def cell(mean: float, std: float, n: int) -> str:
+        if np.isnan(mean):
+            return "-"
+        digits = 1 if abs(mean) >= 10 else 4
+        spread = f" ± {std:.{digits}f}" if n > 1 else ""
+        return f"{mean:.{digits}f}{spread} ({n})"
+
+    metrics = stats.columns.get_level_values(0).unique()
+    return pd.DataFrame({m: [cell(*row) for row in stats[m][["mean", "std", "n"]].itertuples(index=False)]
+                         for m in metrics}, index=stats.index)
 
 
 def log_parent_summary(parent: Run, outcomes: list[ArmOutcome]) -> pd.DataFrame:
-    table = comparison_table(outcomes)
-    curves = {o.arm: np.array(o.cil_curve) for o in outcomes if o.cil_curve}
+    """The comparison on the parent run: ``<arm>.<metric>.mean`` / ``.std`` metrics (and ``.n``), the table as
+    ``comparison.csv`` and every arm's CIL curve (first seed) in one plot; returns the printable table."""
+    stats = comparison_table(outcomes)
+    for arm, row in stats.iterrows():
+        parent.log_metrics({f"{arm}.{metric}.{stat}": value for (metric, stat), value in row.items()})
+    curves = {}
+    for o in outcomes:
+        if o.cil_curve and o.arm not in curves:
+            curves[o.arm] = np.array(o.cil_curve)
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "comparison.csv"
-        table.to_csv(csv)
+        stats.to_csv(csv)
         parent.log_artifact(csv)
         if curves:
             parent.log_artifact(accuracy_curves(curves, "CIL accuracy on seen tasks", Path(tmp) / "arms_cil.png"))
-    return table
+    return format_table(stats)

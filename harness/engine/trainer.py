@@ -28,6 +28,7 @@ from harness.data.split import Split
 from harness.engine.evaluate import Evaluator
 from harness.engine.graphs import GraphedStep
 from harness.engine.optim import build_optimizer, build_scheduler, lr_to_device
+from harness.engine.precision import check_compiler, choose_precision, native_bf16
 from harness.engine.progress import Progress
 from harness.errors import TrainingDiverged, UserError
 from harness.methods import method_class
@@ -176,17 +177,21 @@ class ArmTrainer:
         engine: EngineOptions = arm.engine
         self.device = resolve_device(engine.device)
         seed_everything(engine.seed, engine.deterministic)
-        self.amp = bool(engine.amp) if engine.amp is not None else self.device.type == "cuda"
-        channels_last = engine.channels_last if engine.channels_last is not None else self.device.type == "cuda"
+        self.precision = choose_precision(engine.amp, engine.channels_last, self.device.type, native_bf16(self.device),
+                                          convolutional=arm.backbone.name != "mlp")
+        if self.precision.warning:
+            self.progress.note(f"{arm.name}: {self.precision.warning}")
         dataset = split.dataset
         self.net = build_network(arm.backbone.name, arm.backbone.kwargs, dataset.image_shape, split.num_classes).to(self.device)
-        # 4-d convolution inputs only: an MLP has nothing to gain from channels-last.
-        self.channels_last = bool(channels_last) and arm.backbone.name != "mlp"
-        if self.channels_last:
+        if self.precision.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        train_t = BatchTransform(arm.augment, dataset.mean, dataset.std, self.device)
+        if engine.compile:
+            check_compiler(self.device)
+            self.net.backbone.compile()  # in place: parameter names, and so checkpoints, stay those of eager runs
+        layout = self.precision.channels_last
+        train_t = BatchTransform(arm.augment, dataset.mean, dataset.std, self.device, channels_last=layout)
         eval_t = BatchTransform(dataclasses.replace(arm.augment, crop=0, flip=False, brightness=0.0),
-                                dataset.mean, dataset.std, self.device)
+                                dataset.mean, dataset.std, self.device, channels_last=layout)
         self.ctx = Context(split, dataset.train_x.to(self.device), split.train_y.to(self.device), train_t, eval_t,
                            self.device)
         self.method = method_class(arm.method.name)(self.net, arm.method.options, self.ctx)
@@ -215,16 +220,18 @@ class ArmTrainer:
 
     def _batch(self, index: torch.Tensor) -> Batch:
         images = self.ctx.train_images[index]
-        inputs = self.ctx.train_transform(images, train=True)
-        if self.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return Batch(images, inputs, self.ctx.train_labels[index])
+        return Batch(images, self.ctx.train_transform(images, train=True), self.ctx.train_labels[index])
 
     def _step(self, index: torch.Tensor) -> StepResult:
         """One optimisation step on the examples ``index``: what ``self.step`` runs eagerly or captures."""
         # autocast's weight cache would keep tensors made during capture alive across replays: off for graphs.
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=not self.step.enabled):
+        with self.precision.autocast(self.device, cache_enabled=not self.step.enabled):
             return self.method.observe(self._batch(index), self.optimizer)
+
+    def evaluate(self, trained: int) -> dict[str, np.ndarray]:
+        """Accuracy rows after task ``trained``, in the arm's precision (bf16 inference where it trains in bf16)."""
+        with self.precision.autocast(self.device):
+            return self.evaluator.accuracy_rows(self.method, trained)
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if self.run is not None:
@@ -265,7 +272,7 @@ class ArmTrainer:
             self.load_state_dict(checkpoint)
         s = self.state
         if not s.baseline:
-            s.baseline = {k: v.tolist() for k, v in self.evaluator.accuracy_rows(self.method, -1).items()}
+            s.baseline = {k: v.tolist() for k, v in self.evaluate(-1).items()}
         with StopSignal() as stop:
             while s.task <= self.last_task:
                 self._train_task(s.task, stop)
@@ -293,8 +300,9 @@ class ArmTrainer:
             every = self.arm.engine.checkpoint_every
             if every and s.epoch % every == 0 and s.epoch < epochs:
                 self.checkpoint()
-        self.method.after_task(task)
-        rows = self.evaluator.accuracy_rows(self.method, task)
+        with self.precision.autocast(self.device):  # memory selection and class means: inference passes
+            self.method.after_task(task)
+        rows = self.evaluate(task)
         for name, row in rows.items():
             s.rows.setdefault(name, []).append(row.tolist())
         for name, value in self.method.task_metrics().items():

@@ -13,7 +13,9 @@ def embed(net: nn.Module, images: torch.Tensor, transform: BatchTransform, batch
     """L2-normalised backbone features of uint8 ``images`` (eval transform, eval mode)."""
     was_training = net.training
     net.eval()
-    feats = [net.features(transform(images[i : i + batch_size], train=False)) for i in range(0, len(images), batch_size)]
+    # fp32 features whatever the autocast precision: means and herding distances are sums of many terms.
+    feats = [net.features(transform(images[i : i + batch_size], train=False)).float()
+             for i in range(0, len(images), batch_size)]
     net.train(was_training)
     return nn.functional.normalize(torch.cat(feats), dim=1)
 
@@ -36,7 +38,7 @@ def cnn_and_nme_scores(net: nn.Module, inputs: torch.Tensor, means: torch.Tensor
     features = net.features(inputs)
     scores = {"cnn": net.head(features)}
     if means is not None:
-        scores["nme"] = nme_scores(features, means)
+        scores["nme"] = nme_scores(features.float(), means)
     return scores
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import UserError
+from harness.paths import run_work_dir
 
 PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
 
@@ -63,8 +64,8 @@ class Run:
         self.tracker.end(self.run_id, status)
 
     def local_dir(self) -> Path:
-        """A folder on this machine that belongs to the run (checkpoints live here)."""
-        return self.tracker.local_dir(self.run_id)
+        """The run's working folder on this machine (checkpoints, the log being written): ``run_work_dir``."""
+        return run_work_dir(self.run_id)
 
 
 class Tracker:
@@ -93,11 +94,12 @@ class Tracker:
     def end(self, run_id: str, status: str) -> None:
         raise NotImplementedError
 
-    def local_dir(self, run_id: str) -> Path:
-        raise NotImplementedError
-
     def reopen(self, run_id: str) -> Run:
         """Mark an interrupted run RUNNING again so a resumed arm logs into the same run."""
+        raise NotImplementedError
+
+    def read_artifact(self, run_id: str, path: str) -> str | None:
+        """A text artifact of the run, or None if it has none by that name."""
         raise NotImplementedError
 
     def info(self, run_id: str) -> RunInfo:
@@ -141,8 +143,11 @@ class MlflowTracker(Tracker):
 
         try:
             found = self.client.get_experiment_by_name(name)
-            self.experiment_id = found.experiment_id if found else self.client.create_experiment(
-                name, artifact_location=artifact_root(self.uri))
+            if found:
+                self.experiment_id = found.experiment_id
+            else:
+                self.experiment_id = self.client.create_experiment(name, artifact_location=artifact_root(self.uri))
+                keep_relocatable(self.uri, self.experiment_id)
         except (mlflow.exceptions.MlflowException, OSError) as exc:
             raise UserError(f"MLflow store {self.uri}: {str(exc).splitlines()[0]}") from None
 
@@ -172,15 +177,16 @@ class MlflowTracker(Tracker):
     def end(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
-    def local_dir(self, run_id: str) -> Path:
-        uri = self.client.get_run(run_id).info.artifact_uri
-        if uri.startswith("file:"):
-            return _file_uri_path(uri).parent
-        return Path("checkpoints").resolve() / run_id
-
     def reopen(self, run_id: str) -> Run:
         self.client.update_run(run_id, status="RUNNING")
         return Run(self, run_id)
+
+    def read_artifact(self, run_id: str, path: str) -> str | None:
+        import mlflow
+
+        if path not in {a.path for a in self.client.list_artifacts(run_id)}:
+            return None
+        return mlflow.artifacts.load_text(f"{self.client.get_run(run_id).info.artifact_uri}/{path}")
 
     def _info(self, run: Any, experiment: str | None = None) -> RunInfo:
         experiment = experiment or self.client.get_experiment(run.info.experiment_id).name
@@ -273,9 +279,6 @@ class FolderTracker(Tracker):
     def end(self, run_id: str, status: str) -> None:
         self._update(run_id, "meta.json", {"status": status, "end_time": time.time()})
 
-    def local_dir(self, run_id: str) -> Path:
-        return self.root / run_id
-
     def _read(self, run_id: str, name: str) -> dict[str, Any]:
         path = self._path(run_id, name)
         return json.loads(path.read_text()) if path.exists() else {}
@@ -283,6 +286,10 @@ class FolderTracker(Tracker):
     def reopen(self, run_id: str) -> Run:
         self._update(run_id, "meta.json", {"status": "RUNNING"})
         return Run(self, run_id)
+
+    def read_artifact(self, run_id: str, path: str) -> str | None:
+        file = self._path(run_id, "artifacts") / path
+        return file.read_text() if file.is_file() else None
 
     def _records(self, run_id: str) -> list[dict[str, Any]]:
         path = self._path(run_id, "metrics.jsonl")
@@ -317,9 +324,30 @@ def _file_uri_path(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path))
 
 
-def default_mlflow_uri() -> str:
-    """SQLite inside ``./mlruns`` (MLflow 3 keeps its plain-file store in maintenance mode)."""
-    return f"sqlite:///{(Path.cwd() / 'mlruns' / 'mlflow.db').resolve()}"
+DEFAULT_STORE = "mlruns"
+
+
+def file_store_path(uri: str) -> Path | None:
+    """The folder of an MLflow file store (``file:`` URI or a plain path), else None."""
+    if uri.startswith("file:"):
+        return _file_uri_path(uri)
+    return Path(uri) if ":" not in uri else None
+
+
+def keep_relocatable(uri: str, experiment_id: str) -> None:
+    """A file store named by a relative path (the default ``mlruns``, the committed record) keeps a relative
+    artifact location, so its runs' artifacts resolve in any clone. MLflow's file store writes the absolute
+    path of the folder it was created in; this rewrites that one field of the new experiment's meta.yaml,
+    once, with MLflow's own YAML helpers. Runs created afterwards inherit the relative location."""
+    root = file_store_path(uri)
+    if root is None or root.is_absolute():
+        return
+    from mlflow.utils.file_utils import read_yaml, write_yaml
+
+    folder = root / experiment_id
+    meta = read_yaml(str(folder), "meta.yaml")
+    meta["artifact_location"] = folder.as_posix()
+    write_yaml(str(folder), "meta.yaml", meta, overwrite=True)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -333,15 +361,17 @@ def artifact_root(uri: str) -> str | None:
 
 
 def make_tracker(uri: str | None, experiment: str | None, local_dir: str = "harness_runs") -> Tracker:
-    """``none`` -> local folder; anything else (default: ``./mlruns``) -> MLflow."""
+    """``none`` -> local folder; anything else (default: the file store ``./mlruns``) -> MLflow."""
     if uri is not None and uri.lower() == "none":
         return FolderTracker(Path(local_dir), experiment)
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri()
-    local = _file_uri_path(uri) if uri.startswith("file:") else _sqlite_path(uri)
-    if uri.startswith("file:"):
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the user asked for a file store explicitly
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
+    store = file_store_path(uri)
+    if store is not None:
+        # MLflow 3 refuses its file store unless asked: the record is one, chosen for files that git can add.
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    local = store or _sqlite_path(uri)
     if local is not None:
-        folder = local if uri.startswith("file:") else local.parent
+        folder = local if store is not None else local.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / f".write-test-{os.getpid()}"

@@ -115,7 +115,7 @@ class Tuner:
         def report(trainer: ArmTrainer, task: int, epoch: int) -> None:
             if trial is None:
                 return
-            row = trainer.evaluator.accuracy_rows(trainer.method, task)["cil"]
+            row = trainer.evaluate(task)["cil"]
             sizes = trainer.evaluator.sizes[: task + 1]
             value = float((row[: task + 1] * sizes).sum() / sizes.sum())  # accuracy on the tasks seen so far
             step = trainer.state.global_epoch
@@ -126,6 +126,7 @@ class Tuner:
 
         trainer = ArmTrainer(arm, split, run, None, evaluate_on=evaluate_on,
                              last_task=0 if self.task0 else None, on_epoch=report)
+        run.set_tags(trainer.precision.tags)
         summary = trainer.fit().summary
         run.log_metrics(summary)
         return self.objective_value(summary)
