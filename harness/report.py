@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import re
 import shutil
 import sys
@@ -416,7 +415,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow store to read (default: the record, ./mlruns)")
     parser.add_argument("--out", default="docs/REPRODUCTION.md", help="where to write (default: the record itself)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         tracker = make_tracker(args.tracking_uri, None)
         if not isinstance(tracker, MlflowTracker):

@@ -37,8 +37,8 @@ def matrices(uri: str, experiment: str, parent_id: str) -> dict[str, dict]:
     out = {}
     for _, run in runs.iterrows():
         folder = Path(client.download_artifacts(run["run_id"], "accuracy_matrix.json"))
-        out[run["tags.arm"]] = {"matrix": json.loads(folder.read_text()), "status": run["status"],
-                                "run_id": run["run_id"]}
+        out[(run["tags.arm"], run["tags.seed"])] = {"matrix": json.loads(folder.read_text()), "status": run["status"],
+                                                    "run_id": run["run_id"]}
     return out
 
 
@@ -74,7 +74,7 @@ def _interrupt_mid_gem_task(proc: subprocess.Popen, store: Path, sig: int) -> No
 def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: int,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # where the runs' checkpoints go
-    path = write_yaml(tmp_path / "exp.yaml", digits_experiment(ARMS))
+    path = write_yaml(tmp_path / "exp.yaml", {**digits_experiment(ARMS), "seeds": [0, 5]})
     reference_uri = f"sqlite:///{tmp_path / 'ref' / 'mlflow.db'}"
     assert main([str(path), "--tracking-uri", reference_uri, "--quiet"]) == 0
     reference_parent = MlflowClient(reference_uri).search_runs(
@@ -92,26 +92,31 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
         assert MlflowClient(uri).get_run(parent_id).info.status == "KILLED"
     else:
         assert proc.returncode == -signal.SIGKILL
-    before = {r.data.tags["arm"]: r for r in MlflowClient(uri).search_runs(
+    before = {(r.data.tags["arm"], r.data.tags["seed"]): r for r in MlflowClient(uri).search_runs(
         [MlflowClient(uri).get_run(parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")}
-    assert before["finetune"].info.status == "FINISHED" and "joint" not in before
+    # arms run seed by seed: both finetune seeds finished, GEM was stopped in one of its seeds, joint never began
+    assert before["finetune", "0"].info.status == before["finetune", "5"].info.status == "FINISHED"
+    assert not any(arm == "joint" for arm, _ in before)
+    stopped = [key for key in before if key[0] == "gem" and before[key].info.status != "FINISHED"]
+    assert len(stopped) == 1
+    gem = before[stopped[0]]
     if sig == signal.SIGINT:  # a SIGKILL gives the process no chance to mark its run
-        assert before["gem"].info.status == "KILLED"
-    assert "harness.run --resume" in before["gem"].data.tags["resume_hint"]
+        assert gem.info.status == "KILLED"
+    assert "harness.run --resume" in gem.data.tags["resume_hint"]
     # the tasks finished before the interruption are already in MLflow
-    assert len(MlflowClient(uri).get_metric_history(before["gem"].info.run_id, "cil_acc_task_0")) >= 2
+    assert len(MlflowClient(uri).get_metric_history(gem.info.run_id, "cil_acc_task_0")) >= 2
 
     assert main(["--resume", parent_id, "--tracking-uri", uri, "--quiet"]) == 0
     resumed = matrices(uri, "digits-test", parent_id)
     reference = matrices(reference_uri, "digits-test", reference_parent)
-    assert set(resumed) == {"finetune", "gem", "joint"}
-    assert resumed["gem"]["run_id"] == before["gem"].info.run_id  # same run, continued
-    assert resumed["finetune"]["run_id"] == before["finetune"].info.run_id  # kept, not retrained
+    assert set(resumed) == {(arm, seed) for arm in ("finetune", "gem", "joint") for seed in ("0", "5")}
+    assert resumed[stopped[0]]["run_id"] == gem.info.run_id  # same run, continued
+    assert resumed["finetune", "5"]["run_id"] == before["finetune", "5"].info.run_id  # kept, not retrained
     for arm in resumed:
         assert resumed[arm]["status"] == "FINISHED"
         assert resumed[arm]["matrix"] == reference[arm]["matrix"], arm  # exact equality
     assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"
-    log = Path(MlflowClient(uri).download_artifacts(resumed["gem"]["run_id"], "arm.log", str(tmp_path))).read_text()
+    log = Path(MlflowClient(uri).download_artifacts(gem.info.run_id, "arm.log", str(tmp_path))).read_text()
     assert "gem task 1/5 epoch 1/5" in log and "gem task 5/5 epoch 5/5" in log  # one log across the interruption
 
 

@@ -22,7 +22,7 @@ from harness.data.augment import NO_AUGMENT, AugmentOptions
 from harness.data.datasets import DATASETS, list_class_folders
 from harness.data.split import task_offsets
 from harness.engine.optim import OPTIMIZERS, SCHEDULERS
-from harness.engine.precision import Switch
+from harness.engine.precision import Switch, check_compiler
 from harness.errors import ConfigError
 from harness.methods import EPISODIC_METHODS, METHODS, method_class
 from harness.models import BACKBONES, LIBCONTINUAL_BACKBONE_KEYS, build_backbone
@@ -408,6 +408,9 @@ def _parse_arm(raw: Any, index: int, split: SplitSpec, engine: dict[str, Any], e
         augment = build_options(AugmentOptions, augment_raw, key="augment", source=source)
     arm_engine = {k: merged[k] for k in ("workers", "deterministic") if merged.get(k) is not None}
     engine_raw = deep_merge(deep_merge(engine, arm_engine), _typed(merged.get("engine") or {}, (dict,), "engine", source))
+    engine_options = build_options(EngineOptions, engine_raw, key="engine", source=source)
+    if engine_options.compile:
+        check_compiler("engine.compile", source)
     return ArmRecipe(
         name=name, source=source,
         method=Block(method_name, dataclasses.asdict(options), options),
@@ -420,7 +423,7 @@ def _parse_arm(raw: Any, index: int, split: SplitSpec, engine: dict[str, Any], e
         init_lr_scheduler=_init_block(schedule, merged.get("init_lr_scheduler"), "init_lr_scheduler", source, _scheduler),
         warmup=_positive_int(merged, "warmup", "", source, default=0, minimum=0),
         augment=augment,
-        engine=build_options(EngineOptions, engine_raw, key="engine", source=source),
+        engine=engine_options,
         recorded={k: merged[k] for k in LIBCONTINUAL_RECORDED if merged.get(k) is not None},
     )
 

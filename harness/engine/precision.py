@@ -68,15 +68,15 @@ def choose_precision(amp: Switch, channels_last: Switch, device_type: str, nativ
     return Precision(use_amp, use_cl, warning)
 
 
-def check_compiler(device: torch.device) -> None:
-    """``engine.compile`` needs TorchDynamo and, on a CPU, the C++ compiler that Inductor builds kernels with."""
+def check_compiler(key: str, source: str | None) -> None:
+    """``engine.compile`` needs TorchDynamo and the C++ compiler that Inductor builds its CPU kernels with
+    (``$CXX``, else g++); checked before anything trains or is recorded."""
     if not torch._dynamo.is_dynamo_supported():
-        raise ConfigError("torch.compile is not supported by this Python/torch build", key="engine.compile")
-    if device.type == "cpu":
-        from torch._inductor.cpp_builder import get_cpp_compiler
+        raise ConfigError("torch.compile is not supported by this Python/torch build", key=key, source=source)
+    from torch._inductor.cpp_builder import get_cpp_compiler
 
-        try:
-            get_cpp_compiler()
-        except Exception as exc:  # Inductor raises its own types for a missing or unusable compiler
-            raise ConfigError(f"torch.compile needs a working C++ compiler on the CPU: {str(exc).splitlines()[0][:160]}",
-                              key="engine.compile") from None
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # Inductor raises its own types for a missing or unusable compiler
+        raise ConfigError(f"torch.compile needs a working C++ compiler: {str(exc).splitlines()[0][:160]}",
+                          key=key, source=source) from None

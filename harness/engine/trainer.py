@@ -28,7 +28,7 @@ from harness.data.split import Split
 from harness.engine.evaluate import Evaluator
 from harness.engine.graphs import GraphedStep
 from harness.engine.optim import build_optimizer, build_scheduler, lr_to_device
-from harness.engine.precision import check_compiler, choose_precision, native_bf16
+from harness.engine.precision import choose_precision, native_bf16
 from harness.engine.progress import Progress
 from harness.errors import TrainingDiverged, UserError
 from harness.methods import method_class
@@ -186,7 +186,6 @@ class ArmTrainer:
         if self.precision.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if engine.compile:
-            check_compiler(self.device)
             self.net.backbone.compile()  # in place: parameter names, and so checkpoints, stay those of eager runs
         layout = self.precision.channels_last
         train_t = BatchTransform(arm.augment, dataset.mean, dataset.std, self.device, channels_last=layout)
@@ -203,6 +202,8 @@ class ArmTrainer:
                                 blocker=self.method.graph_blocker, note=self.progress.note)
         images, labels = (dataset.test_x, split.test_y) if evaluate_on == "test" else (dataset.train_x, split.train_y)
         self.evaluator = Evaluator(split, images, labels, evaluate_on, engine.eval_batch_size, self.device)
+        # Validation accuracy is logged under val_ names, so it can never be read as a test result.
+        self.eval_prefix = "" if evaluate_on == "test" else "val_"
         self.state = LoopState()
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -362,11 +363,12 @@ class ArmTrainer:
         sizes = self.evaluator.sizes
         metrics: dict[str, float] = {"task_seconds": seconds}
         for name, row in rows.items():
-            metrics.update({f"{name}_acc_task_{j}": float(v) for j, v in enumerate(row)})
+            key = f"{self.eval_prefix}{name}"
+            metrics.update({f"{key}_acc_task_{j}": float(v) for j, v in enumerate(row)})
             R = np.array(self.state.rows[name])
             seen = seen_accuracy(R, sizes)
             old, new = old_new_accuracy(R, sizes)
-            metrics.update({f"{name}_seen_acc": seen[-1], f"{name}_old_acc": old[-1], f"{name}_new_acc": new[-1]})
+            metrics.update({f"{key}_seen_acc": seen[-1], f"{key}_old_acc": old[-1], f"{key}_new_acc": new[-1]})
         for name, values in self.state.task_metrics.items():
             metrics[name] = values[-1]
         metrics["graph_replays"] = self.step.replays

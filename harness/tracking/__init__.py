@@ -365,6 +365,7 @@ def make_tracker(uri: str | None, experiment: str | None, local_dir: str = "harn
     if uri is not None and uri.lower() == "none":
         return FolderTracker(Path(local_dir), experiment)
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_STORE
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr is for one-line errors
     store = file_store_path(uri)
     if store is not None:
         # MLflow 3 refuses its file store unless asked: the record is one, chosen for files that git can add.

@@ -128,7 +128,7 @@ class Tuner:
                              last_task=0 if self.task0 else None, on_epoch=report)
         run.set_tags(trainer.precision.tags)
         summary = trainer.fit().summary
-        run.log_metrics(summary)
+        run.log_metrics({k if k == "wall_seconds" else f"{trainer.eval_prefix}{k}": v for k, v in summary.items()})
         return self.objective_value(summary)
 
 
@@ -228,8 +228,9 @@ def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str
     if rerun_best:
         rerun = tracker.start("best recipe on test", {"kind": "best_rerun", "study": name, "trial": best.number,
                                                       "arm": options.arm}, parent=parent)
-        rerun.log_params({"trial": best.params})
-        test_value = tuner.train({n: tuner.dim(n).decode(v) for n, v in best.params.items()}, rerun, "test", None)
+        values = {n: tuner.dim(n).decode(v) for n, v in best.params.items()}
+        rerun.log_params({"trial": values})  # the trials' parameter names and values
+        test_value = tuner.train(values, rerun, "test", None)
         rerun.log_metrics({"objective_test": test_value})
         rerun.end("FINISHED")
     top = _trial_table(study)

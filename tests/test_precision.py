@@ -1,0 +1,110 @@
+"""Precision defaults (bf16 autocast and channels-last where the hardware computes bf16 natively), their
+record in MLflow, bf16 inference, and the opt-in torch.compile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from harness.config.experiment import parse_experiment
+from harness.engine.precision import choose_precision, native_bf16
+from harness.engine.runner import build_split
+from harness.engine.trainer import ArmTrainer
+from harness.run import main
+from tests.conftest import ROOT, digits_arm, digits_experiment, write_yaml
+
+CASES = [
+    # amp, channels_last, device, native bf16, convolutional -> amp, channels_last, warns
+    ("auto", "auto", "cuda", True, True, True, True, False),
+    ("auto", "auto", "cpu", True, True, True, True, False),  # AVX-512 BF16 / AMX: the fast path
+    ("auto", "auto", "cpu", False, True, False, False, False),  # emulated bf16 would be slower: fp32 stays
+    ("auto", "auto", "cpu", True, False, True, False, False),  # an MLP has no use for channels-last
+    (False, False, "cpu", True, True, False, False, False),  # false forces fp32
+    (False, "auto", "cuda", True, True, False, True, False),
+    (True, True, "cpu", False, True, True, True, True),  # forced on without native bf16: runs, warns
+]
+
+
+@pytest.mark.parametrize(("amp", "cl", "device", "native", "conv", "want_amp", "want_cl", "warns"), CASES)
+def test_auto_selects_bf16_and_channels_last_only_where_bf16_is_native(
+        amp: object, cl: object, device: str, native: bool, conv: bool, want_amp: bool, want_cl: bool,
+        warns: bool) -> None:
+    p = choose_precision(amp, cl, device, native, conv)
+    assert (p.amp, p.channels_last) == (want_amp, want_cl)
+    assert (p.warning is not None) == warns
+    if warns:
+        assert "slower" in p.warning and "engine.amp" in p.warning
+    assert p.tags["precision"] == ("bf16-autocast" if want_amp else "fp32")
+
+
+def test_native_bf16_is_pytorchs_own_onednn_check() -> None:
+    assert native_bf16(torch.device("cpu")) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def test_the_run_records_how_it_computed(tmp_path: Path, mlflow_uri: str) -> None:
+    arms = [digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=1),
+            digits_arm("fp32", {"name": "finetune"}, epoch=1, engine={"amp": False})]
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment(arms, task_num=2))
+    assert main([str(path), "--tracking-uri", mlflow_uri, "--quiet"]) == 0
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["digits-test"]).set_index("tags.mlflow.runName")
+    native = native_bf16(torch.device("cpu"))
+    assert runs.loc["gem", "tags.precision"] == ("bf16-autocast" if native else "fp32")
+    assert runs.loc["fp32", "tags.precision"] == "fp32"
+    assert runs.loc["gem", "tags.memory_format"] == "contiguous"  # an MLP: no channels-last
+    assert runs.loc["gem", "params.engine.amp"] == "auto"
+
+
+def _trainer(tmp_path: Path, **engine: object) -> ArmTrainer:
+    arm = digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=8, backbone={"name": "resnet32"},
+                     batch_size=64, optimizer={"name": "SGD", "kwargs": {"lr": 0.02, "momentum": 0.9}}, engine=engine)
+    experiment = parse_experiment(digits_experiment([arm], task_num=2), str(tmp_path / "exp.yaml"))
+    return ArmTrainer(experiment.arm("gem"), build_split(experiment), None)
+
+
+def test_bf16_channels_last_training_and_inference_agree_with_fp32(tmp_path: Path) -> None:
+    """A convolutional arm in bf16 + channels-last learns as well as in fp32; its evaluation and NME class
+    means run in bf16 too, on inputs in the network's channels-last layout."""
+    fast = _trainer(tmp_path, amp=True, channels_last=True)
+    assert fast.net.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    inputs = fast.ctx.eval_transform(fast.ctx.train_images[:4], train=False)
+    assert inputs.is_contiguous(memory_format=torch.channels_last)
+    bf16 = fast.fit()
+    fp32 = _trainer(tmp_path, amp=False, channels_last=False).fit()
+    for result in (bf16, fp32):
+        assert result.matrices["til"][-1].mean() > 0.75  # 2-way tasks: chance is 0.5
+        assert result.matrices["nme_cil"][-1].mean() > 0.5  # 4 classes seen: chance is 0.25
+    assert abs(bf16.matrices["til"][-1].mean() - fp32.matrices["til"][-1].mean()) < 0.1
+
+
+def test_compile_is_opt_in_and_trains_like_eager(tmp_path: Path) -> None:
+    arm = digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=2, engine={"amp": False})
+    raw = digits_experiment([arm, {**arm, "name": "compiled", "engine": {"amp": False, "compile": True}}], task_num=2)
+    experiment = parse_experiment(raw, "exp.yaml")
+    split = build_split(experiment)
+    eager = ArmTrainer(experiment.arm("gem"), split, None).fit()
+    compiled = ArmTrainer(experiment.arm("compiled"), split, None).fit()
+    assert np.allclose(eager.matrices["til"], compiled.matrices["til"], atol=0.03)
+
+
+def _one_line_exit_2(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run([sys.executable, "-m", "harness.run", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_precision_and_compile_settings_exit_2_naming_the_key(tmp_path: Path) -> None:
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=1)]))
+    assert "engine.amp" in _one_line_exit_2([str(path), "engine.amp=maybe"], tmp_path)
+    err = _one_line_exit_2([str(path), "engine.compile=true"], tmp_path, {"CXX": "/nonexistent/c++"})
+    assert "engine.compile" in err and "compiler" in err
+    assert not (tmp_path / "mlruns").exists()  # stopped before anything was recorded

@@ -1,0 +1,185 @@
+"""Seeds as an axis, and the reproduction record: committed MLflow runs that a fresh clone can read, a report
+that only adds to docs/REPRODUCTION.md, and validation metrics that cannot pass for test metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.report import welch_interval
+from harness.run import main
+from tests.conftest import ROOT, digits_arm, digits_experiment, write_yaml
+
+
+def _exit_2(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> None:
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_every_arm_runs_once_per_seed_and_the_summary_has_mean_and_std(
+        tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    arms = [digits_arm("finetune", {"name": "finetune"}, epoch=1), digits_arm("gem", {"name": "gem", "kwargs":
+                                                                                  {"n_memories": 16}}, epoch=1)]
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment(arms, task_num=2))
+    assert main([str(path), "--tracking-uri", mlflow_uri, "--seeds", "3,7", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "± " in out and "(2)" in out  # the table: mean ± std (n)
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["digits-test"])
+    parent = runs[runs["tags.kind"] == "experiment"].iloc[0]
+    arm_runs = runs[runs["tags.kind"] != "experiment"]
+    assert sorted(zip(arm_runs["tags.arm"], arm_runs["tags.seed"], strict=True)) == [
+        ("finetune", "3"), ("finetune", "7"), ("gem", "3"), ("gem", "7")]
+    assert set(arm_runs["params.engine.seed"]) == {"3", "7"}
+    assert arm_runs["tags.split_hash"].nunique() == 1  # the split does not move with the engine seed
+    gem = arm_runs[arm_runs["tags.arm"] == "gem"]["metrics.task0_acc"]
+    assert parent["metrics.gem.task0_acc.mean"] == pytest.approx(gem.mean())
+    assert parent["metrics.gem.task0_acc.std"] == pytest.approx(gem.std(ddof=1))
+    assert parent["metrics.gem.task0_acc.n"] == 2
+    assert set(arm_runs["tags.mlflow.runName"]) == {"finetune seed=3", "finetune seed=7", "gem seed=3", "gem seed=7"}
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["seeds=[]"], "seeds"), (["seeds=[a]"], "seeds[0]"), (["seeds=[1, 1]"], "more than once"),
+    (["--seeds", "1,x"], "--seeds"), (["--seeds", "2,2"], "more than once")])
+def test_bad_seeds_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                        needle: str) -> None:
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=1)]))
+    _exit_2([str(path), "--tracking-uri", "none", *args], capsys, needle)
+
+
+def test_a_resume_whose_checkpoint_is_gone_stops_and_names_run_and_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
+    # the second epoch diverges: the first was checkpointed, then the arm stopped
+    arm = digits_arm("a", {"name": "finetune"}, epoch=1, lr_scheduler={"name": "StepLR", "kwargs": {"step_size": 1,
+                                                                                                    "gamma": 1e15}})
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([arm], task_num=3))
+    _exit_2([str(path), "--tracking-uri", uri, "--quiet", "arms.a.epoch=2"], capsys, "non-finite")
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("digits-test").experiment_id], "tags.kind = 'experiment'")[0]
+    child = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    folder = Path(child.data.tags["checkpoint_dir"])
+    assert folder == tmp_path / "cache" / "runs" / child.info.run_id / "checkpoints"  # the one documented place
+    assert (folder / "last.pt").is_file()
+    shutil.rmtree(folder)
+    _exit_2(["--resume", parent.info.run_id, "--tracking-uri", uri], capsys, child.info.run_id, str(folder / "last.pt"),
+            "--force")
+
+
+def test_welch_interval_needs_two_seeds_a_side() -> None:
+    assert welch_interval([0.70, 0.72], [0.80]) is None
+    low, high = welch_interval([0.70, 0.72, 0.71], [0.80, 0.82, 0.79])
+    assert low < -0.08 < high < 0
+
+
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh clone of this repository's committed state: the record as a new user gets it."""
+    target = tmp_path_factory.mktemp("clone") / "repo"
+    subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(target)], check=True, capture_output=True)
+    return target
+
+
+def _report(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness.report", *args], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(cwd)}, timeout=600)
+
+
+def test_a_fresh_clone_loads_the_record_and_regenerates_the_report_unchanged(clone: Path) -> None:
+    runs = sorted(p.parent.name for p in (clone / "mlruns").glob("*/*/meta.yaml"))
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    client = MlflowClient(str(clone / "mlruns"))
+    found = [r.info.run_id for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert sorted(found) == runs
+    before = (clone / "docs" / "REPRODUCTION.md").read_text()
+    result = _report(clone)
+    assert result.returncode == 0, result.stderr
+    assert (clone / "docs" / "REPRODUCTION.md").read_text() == before
+    assert _git("status", "--porcelain", cwd=clone) == ""  # plots too: nothing in the clone changed
+
+
+def test_the_report_on_an_empty_store_keeps_every_row(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    record = (ROOT / "docs" / "REPRODUCTION.md").read_text()
+    (tmp_path / "docs" / "REPRODUCTION.md").write_text(record)
+    result = _report(tmp_path, "--tracking-uri", str(tmp_path / "empty"))
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "docs" / "REPRODUCTION.md").read_text() == record
+    assert "kept" in result.stdout
+
+
+def test_a_corrupt_record_stops_the_report_naming_the_file(tmp_path: Path, clone: Path) -> None:
+    store = tmp_path / "mlruns"
+    shutil.copytree(clone / "mlruns", store)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "REPRODUCTION.md").write_text("# Reproduction record\n")
+    metas = sorted(store.glob("*/*/meta.yaml"))
+    if not metas:
+        pytest.skip("the committed record holds no run yet")
+    metas[0].write_text("run_id: [unclosed\n")
+    result = _report(tmp_path, "--tracking-uri", str(store))
+    assert result.returncode == 2 and str(metas[0]) in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "docs" / "REPRODUCTION.md").read_text() == "# Reproduction record\n"  # nothing overwritten
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def test_mlflow_server_on_a_clone_serves_every_recorded_run_and_its_artifacts(clone: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "mlruns", "--host",
+                               "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=clone, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        experiments = _post(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 1000}).get("experiments", [])
+        ids = [e["experiment_id"] for e in experiments]
+        runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": ids, "max_results": 1000}).get("runs", [])
+        assert sorted(r["info"]["run_id"] for r in runs) == sorted(p.parent.name for p in
+                                                                   (clone / "mlruns").glob("*/*/meta.yaml"))
+        arm = next((r for r in runs if any(t["key"] == "arm" for t in r["data"].get("tags", []))), None)
+        if arm is not None:  # an arm's matrix is served from the clone's relative artifact path
+            url = f"{base}/get-artifact?path=accuracy_matrix.json&run_uuid={arm['info']['run_id']}"
+            matrix = json.loads(urllib.request.urlopen(url, timeout=30).read())
+            assert "cil" in matrix
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
