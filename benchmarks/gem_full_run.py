@@ -26,7 +26,7 @@ from harness.config.experiment import ArmRecipe, parse_experiment
 from harness.engine.trainer import ArmTrainer
 
 
-def gem_arm(device: str, epochs: int, M: int, graphs: bool, amp: bool) -> ArmRecipe:
+def gem_arm(device: str, epochs: int, M: int, graphs: bool, amp: bool | str) -> ArmRecipe:
     recipe = {"name": "gem", "method": {"name": "gem", "kwargs": {"n_memories": M, "memory_strength": 0.5,
                                                                   "eps": 1e-3, "train_mask": "task"}},
               "backbone": {"name": "resnet32"}, "epoch": epochs, "batch_size": 128,
@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--M", type=int, default=256, help="memories per task")
     parser.add_argument("--no-graph", action="store_true")
-    parser.add_argument("--no-amp", action="store_true")
+    parser.add_argument("--no-amp", action="store_true", help="fp32 (default: the engine's auto precision)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    arm = gem_arm(args.device, args.epochs, args.M, cuda and not args.no_graph, cuda and not args.no_amp)
+    arm = gem_arm(args.device, args.epochs, args.M, cuda and not args.no_graph, False if args.no_amp else "auto")
     split = synthetic_split(args.tasks, args.classes_per_task, 500, 100)
     trainer = ArmTrainer(arm, split, None)
     start = time.perf_counter()

@@ -33,6 +33,7 @@ from harness.data.datasets import ImageDataset
 from harness.data.split import Split, make_split
 from harness.engine.graphs import GraphedStep
 from harness.engine.optim import build_optimizer
+from harness.engine.precision import Precision, choose_precision, native_bf16
 from harness.gem.method import GEM
 from harness.methods.base import Batch, Context, Method, StepResult
 from harness.models import build_network
@@ -57,14 +58,21 @@ def synthetic_split(tasks: int, classes_per_task: int, train_per_class: int, tes
     return make_split(dataset, list(range(classes)), list(range(0, classes + 1, classes_per_task)))
 
 
-def context(split: Split, device: torch.device) -> Context:
+def context(split: Split, device: torch.device, channels_last: bool) -> Context:
     ds = split.dataset
-    train = BatchTransform(AugmentOptions(crop=4, flip=True, brightness=0.25), ds.mean, ds.std, device)
-    test = BatchTransform(AugmentOptions(crop=0, flip=False), ds.mean, ds.std, device)
+    train = BatchTransform(AugmentOptions(crop=4, flip=True, brightness=0.25), ds.mean, ds.std, device,
+                           channels_last=channels_last)
+    test = BatchTransform(AugmentOptions(crop=0, flip=False), ds.mean, ds.std, device, channels_last=channels_last)
     return Context(split, ds.train_x.to(device), split.train_y.to(device), train, test, device)
 
 
-def method_step(method: Method, ctx: Context, t: int, batch: int, amp: bool, graphs: bool) -> Callable[[], None]:
+def network(split: Split, backbone: str, device: torch.device, precision: Precision) -> torch.nn.Module:
+    net = build_network(backbone, {}, split.dataset.image_shape, split.num_classes).to(device)
+    return net.to(memory_format=torch.channels_last) if precision.channels_last else net
+
+
+def method_step(method: Method, ctx: Context, t: int, batch: int, precision: Precision,
+                graphs: bool) -> Callable[[], None]:
     """A step as the trainer runs it: host bookkeeping, then the step eagerly or replayed from its graph."""
     index = ctx.split.tasks[t].train[:batch].to(ctx.device)
     optimizer = build_optimizer("SGD", {"lr": 0.01, "momentum": 0.9}, method.net.parameters(), graph_ready=graphs,
@@ -72,7 +80,7 @@ def method_step(method: Method, ctx: Context, t: int, batch: int, amp: bool, gra
 
     def observe(idx: torch.Tensor) -> StepResult:
         images = ctx.train_images[idx]
-        with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp, cache_enabled=not graphs):
+        with precision.autocast(ctx.device, cache_enabled=not graphs):
             return method.observe(Batch(images, ctx.train_transform(images, train=True), ctx.train_labels[idx]),
                                   optimizer)
 
@@ -86,36 +94,38 @@ def method_step(method: Method, ctx: Context, t: int, batch: int, amp: bool, gra
     return step
 
 
-def harness_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device, amp: bool,
+def harness_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device, precision: Precision,
                  graphs: bool) -> Callable[[], None]:
-    ctx = context(split, device)
-    net = build_network(backbone, {}, split.dataset.image_shape, split.num_classes).to(device)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
+    ctx = context(split, device, precision.channels_last)
+    net = network(split, backbone, device, precision)
     gem = GEM(net, GEM.Options(n_memories=M, memory_strength=0.5, eps=1e-3, train_mask="task", memory_fill="random"),
               ctx)
     for k in range(t):
         index = split.tasks[k].train[:M].to(device)
         gem.memory.fill(k, ctx.train_images[index], ctx.train_labels[index])
     gem.before_task(t)
-    return method_step(gem, ctx, t, batch, amp, graphs)
+    return method_step(gem, ctx, t, batch, precision, graphs)
 
 
-def pycil_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device) -> Callable[[], None]:
-    ctx = context(split, device)
-    net = build_network(backbone, {}, split.dataset.image_shape, split.num_classes).to(device)
+def pycil_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device,
+               precision: Precision) -> Callable[[], None]:
+    ctx = context(split, device, precision.channels_last)
+    net = network(split, backbone, device, precision)
     method = PyCILGEM(net, PyCILGEM.Options(memory_size=M * t), ctx)
     per_class = M // CLASSES_PER_TASK
     for c in range(CLASSES_PER_TASK * t):  # M exemplars for every past task
         method.exemplars[c] = torch.nonzero(ctx.train_labels == c).flatten()[:per_class]
     method.before_task(t)
-    return method_step(method, ctx, t, batch, amp=False, graphs=False)
+    return method_step(method, ctx, t, batch, precision, graphs=False)
 
 
-def avalanche_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device) -> Callable[[], None]:
+def avalanche_step(split: Split, backbone: str, t: int, M: int, batch: int, device: torch.device,
+                   precision: Precision) -> Callable[[], None]:
+    """Avalanche's plugin as it is written: fp32, contiguous (it has no precision switch of its own)."""
     from avalanche.training.plugins import GEMPlugin
 
-    ctx = context(split, device)
+    del precision
+    ctx = context(split, device, channels_last=False)
     net = build_network(backbone, {}, split.dataset.image_shape, split.num_classes).to(device)
     plugin = GEMPlugin(patterns_per_experience=M, memory_strength=0.5)
     for k in range(t):
@@ -165,16 +175,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps (the graph is captured at the 4th)")
     parser.add_argument("--impls", default=None, help="default: harness,harness_eager,pycil_style,avalanche on CUDA, "
                         "harness,pycil_style,avalanche elsewhere")
-    parser.add_argument("--no-amp", action="store_true", help="fp32 for the harness step on CUDA too")
+    parser.add_argument("--no-amp", action="store_true", help="fp32, contiguous memory (default: the engine's auto "
+                        "choice, bf16 + channels-last on CUDA and on CPUs with native bf16)")
     parser.add_argument("--no-graph", action="store_true", help="no CUDA graph for the harness row")
     parser.add_argument("--json", action="store_true", help="print one JSON line instead of the table")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    amp = cuda and not args.no_amp
-    builders = {"harness": lambda *a: harness_step(*a, amp, cuda and not args.no_graph),
-                "harness_eager": lambda *a: harness_step(*a, amp, False),
-                "pycil_style": pycil_step, "avalanche": avalanche_step}
+    mode = False if args.no_amp else "auto"
+    precision = choose_precision(mode, mode, device.type, native_bf16(device), convolutional=args.backbone != "mlp")
+    builders = {"harness": lambda *a: harness_step(*a, precision, cuda and not args.no_graph),
+                "harness_eager": lambda *a: harness_step(*a, precision, False),
+                "pycil_style": lambda *a: pycil_step(*a, precision),
+                "avalanche": lambda *a: avalanche_step(*a, precision)}
     impls = args.impls or ("harness,harness_eager,pycil_style,avalanche" if cuda else "harness,pycil_style,avalanche")
     unknown = sorted(set(impls.split(",")) - set(builders))
     if unknown:
@@ -197,9 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'x86_64'}, " \
         f"{torch.get_num_threads()} threads)"
     if args.json:
-        print(json.dumps({"device": name, "torch": torch.__version__, "rows": rows}))
+        print(json.dumps({"device": name, "torch": torch.__version__, **precision.tags, "rows": rows}))
         return 0
-    print(f"device: {name}; torch {torch.__version__}; amp (harness): {amp}; "
+    print(f"device: {name}; torch {torch.__version__}; {precision.tags['precision']}, {precision.tags['memory_format']}; "
           f"CUDA graph (harness): {cuda and not args.no_graph}")
     print(f"{'impl':<12} {'backbone':<10} {'t':>3} {'M':>5} {'batch':>5} {'ms/step':>9} {'images/s':>9} {'vs harness':>10}")
     for row in rows:

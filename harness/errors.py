@@ -24,3 +24,7 @@ class DataError(UserError):
 
 class TrainingDiverged(UserError):
     """A non-finite loss; names arm, task, epoch and step."""
+
+
+class Interrupted(Exception):
+    """SIGINT arrived; the current step finished and a checkpoint was written."""

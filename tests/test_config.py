@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -207,3 +209,21 @@ arms:
     experiment = load_experiment(path, ["arms.b.optimizer.kwargs.lr=0.5"])
     assert experiment.arm("a").optimizer.kwargs == {"lr": 0.1, "momentum": 0.9}
     assert experiment.arm("b").optimizer.kwargs == {"lr": 0.5, "momentum": 0.9}
+
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([digits_arm("gem", {"name": "gem"})]))
+    assert main([str(path), "split.task_num=2", "arms.gem.epochs=2", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: override arms.gem.epochs=2: unknown key 'epochs' (did you mean 'epoch'?)"), err
+    assert len(err.splitlines()) == 1
+    assert main([str(path), "engine.amp=maybe", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip() == "error: override engine.amp=maybe: must be bool or one of 'auto', not 'maybe'"
+
+
+def test_help_is_plain_text_and_parsed_before_torch_loads() -> None:
+    code = ("import sys, contextlib, io\nfrom harness.run import main\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):\n    main(['--help'])\n"
+            "print('torch' in sys.modules, '``' in out.getvalue(), 'examples:' in out.getvalue())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.split() == ["False", "False", "True"]

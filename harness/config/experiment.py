@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from harness.config.loader import apply_overrides, deep_merge, load_with_includes, read_yaml
-from harness.config.options import build_options, check_call_kwargs, did_you_mean, opt, reject_unknown
+from harness.config.options import build_options, check_call_kwargs, did_you_mean, opt, parse_seeds, reject_unknown
 from harness.data.augment import NO_AUGMENT, AugmentOptions
 from harness.data.datasets import DATASETS, list_class_folders
 from harness.data.split import task_offsets
@@ -157,21 +157,6 @@ class Experiment:
         """Every (arm, seed) to train, arm by arm: the arm's recipe with ``engine.seed`` set to the seed."""
         return [dataclasses.replace(arm, engine=dataclasses.replace(arm.engine, seed=seed))
                 for arm in self.arms for seed in (self.seeds or [arm.engine.seed])]
-
-
-def parse_seeds(value: Any, key: str, source: str | None) -> list[int] | None:
-    """A non-empty list of distinct integers, or None."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value:
-        raise ConfigError(f"must be a non-empty list of integer seeds, not {value!r}", key=key, source=source)
-    for i, seed in enumerate(value):
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ConfigError(f"must be an integer, not {seed!r}", key=f"{key}[{i}]", source=source)
-    repeated = sorted({s for s in value if value.count(s) > 1})
-    if repeated:
-        raise ConfigError(f"lists seed {repeated[0]} more than once", key=key, source=source)
-    return list(value)
 
 
 def _require(raw: dict[str, Any], key: str, types: tuple[type, ...], where: str, source: str) -> Any:
@@ -468,8 +453,30 @@ def parse_experiment(raw: dict[str, Any], source: str) -> Experiment:
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None, variant: str | None = None) -> Experiment:
-    """Read, override and validate an experiment file."""
+    """Read, override and validate an experiment file. A problem that only a command-line override brings
+    in is reported against that override, not the file."""
     path = Path(path)
     raw = read_yaml(path)
-    raw = apply_overrides(raw, [*apply_variant(raw, variant, str(path)), *(overrides or [])])
-    return parse_experiment(copy.deepcopy(raw), str(path))
+    base = apply_overrides(raw, apply_variant(raw, variant, str(path)))
+    overrides = overrides or []
+    try:
+        return parse_experiment(copy.deepcopy(apply_overrides(base, overrides)), str(path))
+    except ConfigError as exc:
+        raise _blame_override(base, overrides, str(path)) or exc from None
+
+
+def _blame_override(base: dict[str, Any], overrides: list[str], source: str) -> ConfigError | None:
+    """The first override after which a valid file stops validating, as an error naming that override."""
+    if not overrides:
+        return None
+    try:
+        parse_experiment(copy.deepcopy(base), source)
+    except ConfigError:
+        return None  # the file itself is wrong
+    for n, text in enumerate(overrides, start=1):
+        try:
+            parse_experiment(copy.deepcopy(apply_overrides(base, overrides[:n])), source)
+        except ConfigError as exc:
+            key = f"{exc.key}: " if exc.key and exc.key not in text else ""
+            return ConfigError(f"{key}{exc.message}", source=f"override {text}")
+    return None

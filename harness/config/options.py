@@ -34,8 +34,14 @@ def reject_unknown(raw: dict[str, Any], known: Iterable[str], *, key: str, sourc
     for name in raw:
         if name not in known:
             where = f"{key}.{name}" if key else str(name)
-            raise ConfigError(f"unknown key{did_you_mean(str(name), known)}; allowed: {', '.join(known)}",
+            raise ConfigError(f"unknown key {str(name)!r}{did_you_mean(str(name), known)}; allowed: {', '.join(known)}",
                               key=where, source=source)
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return _type_name(tp)
 
 
 def _type_name(tp: Any) -> str:
@@ -49,15 +55,15 @@ def _coerce(value: Any, tp: Any, *, key: str, source: str | None) -> Any:
         options = typing.get_args(tp)
         if value is None and type(None) in options:
             return None
-        errors = []
         for option in options:
             if option is type(None):
                 continue
             try:
                 return _coerce(value, option, key=key, source=source)
-            except ConfigError as exc:
-                errors.append(exc.message)
-        raise ConfigError(" or ".join(errors), key=key, source=source)
+            except ConfigError:
+                continue
+        allowed = " or ".join(_describe(o) for o in options if o is not type(None))
+        raise ConfigError(f"must be {allowed}, not {value!r}", key=key, source=source)
     if origin is typing.Literal:
         if value in typing.get_args(tp):
             return value
@@ -114,3 +120,18 @@ def check_call_kwargs(fn: Callable[..., Any], kwargs: dict[str, Any], *, key: st
     known = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
              and n not in ("self", "params", *skip)]
     reject_unknown(kwargs, [*known, *extra], key=key, source=source)
+
+
+def parse_seeds(value: Any, key: str, source: str | None) -> list[int] | None:
+    """A non-empty list of distinct integers, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"must be a non-empty list of integer seeds, not {value!r}", key=key, source=source)
+    for i, seed in enumerate(value):
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ConfigError(f"must be an integer, not {seed!r}", key=f"{key}[{i}]", source=source)
+    repeated = sorted({s for s in value if value.count(s) > 1})
+    if repeated:
+        raise ConfigError(f"lists seed {repeated[0]} more than once", key=key, source=source)
+    return list(value)

@@ -20,8 +20,8 @@ from harness.data.datasets import DATASETS, load_dataset
 from harness.data.domains import expand_tasks
 from harness.data.split import Split, class_order, make_split
 from harness.engine.progress import Progress
-from harness.engine.trainer import CHECKPOINT, ArmResult, ArmTrainer, Interrupted, load_checkpoint, resolve_device
-from harness.errors import UserError
+from harness.engine.trainer import CHECKPOINT, ArmResult, ArmTrainer, load_checkpoint, resolve_device
+from harness.errors import Interrupted, UserError
 from harness.methods import method_class
 from harness.metrics import seen_accuracy
 from harness.paths import run_work_dir

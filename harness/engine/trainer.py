@@ -30,7 +30,7 @@ from harness.engine.graphs import GraphedStep
 from harness.engine.optim import build_optimizer, build_scheduler, lr_to_device
 from harness.engine.precision import choose_precision, native_bf16
 from harness.engine.progress import Progress
-from harness.errors import TrainingDiverged, UserError
+from harness.errors import Interrupted, TrainingDiverged, UserError
 from harness.methods import method_class
 from harness.methods.base import Batch, Context, StepResult
 from harness.metrics import old_new_accuracy, seen_accuracy, summarize
@@ -131,10 +131,6 @@ class LoopState:
     task_metrics: dict[str, list[float]] = field(default_factory=dict)
     seconds: float = 0.0
     task_seconds: float = 0.0
-
-
-class Interrupted(Exception):
-    """SIGINT arrived; the current step finished and a checkpoint was written."""
 
 
 class StopSignal:

@@ -1,0 +1,153 @@
+"""An experiment session: every arm and seed of an experiment on one split, each its own tracked run under
+one parent run, started fresh (``start``) or continued from an interrupted parent (``resume``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from harness.config.experiment import ArmRecipe, Experiment, load_experiment
+from harness.data.split import Split
+from harness.engine.progress import Progress
+from harness.engine.runner import ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
+from harness.errors import Interrupted, UserError
+from harness.tracking import Run, RunInfo, Tracker, make_tracker
+
+RESOLVED = "experiment_resolved.yaml"
+
+
+def total_epochs(experiment: Experiment, tasks: int) -> int:
+    return sum(arm.init_epoch + arm.epoch * (tasks - 1) for arm in experiment.seeded_arms())
+
+
+def _outcome_from_run(tracker: Tracker, info: RunInfo, arm: ArmRecipe) -> ArmOutcome:
+    return ArmOutcome(arm.name, arm.method.name, info.run_id, info.metrics,
+                      tracker.metric_history(info.run_id, "cil_seen_acc"), arm.engine.seed)
+
+
+def run_key(info: RunInfo) -> tuple[str, int]:
+    """(arm, seed) of an arm's run; runs recorded before seeds were tags carry the seed as a parameter."""
+    return info.tags.get("arm", info.name), int(info.tags.get("seed", info.params.get("engine.seed", 0)))
+
+
+def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run, progress: Progress,
+            previous: dict[tuple[str, int], RunInfo] | None = None, restart: bool = False) -> list[ArmOutcome]:
+    """Run (or, on resume, finish) every arm and seed; the parent is marked KILLED/FAILED with a resume hint
+    on error."""
+    outcomes = []
+    try:
+        for arm in experiment.seeded_arms():
+            before = (previous or {}).get((arm.name, arm.engine.seed))
+            if before is not None and before.status == "FINISHED":
+                progress.note(f"{before.name}: finished before, kept ({before.run_id})")
+                outcomes.append(_outcome_from_run(tracker, before, arm))
+                continue
+            resume_run = Run(tracker, before.run_id) if before is not None else None
+            outcomes.append(run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run,
+                                    restart=restart))
+    except BaseException as exc:
+        hint = f"python -m harness.run --resume {parent.run_id}"
+        parent.set_tags({"resume_hint": hint})
+        stopped = isinstance(exc, (Interrupted, KeyboardInterrupt))
+        parent.end("KILLED" if stopped else "FAILED")
+        if stopped:
+            raise Interrupted(f"{exc or 'stopped'}; continue with: {hint}") from None
+        raise
+    finally:
+        progress.close()
+    table = log_parent_summary(parent, outcomes)
+    parent.end("FINISHED")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    return outcomes
+
+
+def only_arms(experiment: Experiment, names: str | None) -> Experiment:
+    """The experiment restricted to the named arms (``--arms a,b``), in the file's order."""
+    if not names:
+        return experiment
+    wanted = names.split(",")
+    arms = [experiment.arm(name) for name in wanted]  # an unknown name is a UserError with did-you-mean
+    return dataclasses.replace(experiment, arms=[a for a in experiment.arms if a in arms])
+
+
+def start(args: argparse.Namespace) -> int:
+    experiment = only_arms(load_experiment(args.experiment, args.overrides, args.variant), args.arms)
+    uri = args.tracking_uri or experiment.tracking.uri
+    if args.dry_run:
+        split = build_split(experiment)
+        print(yaml.safe_dump({"name": experiment.name, "split": split_params(experiment, split),
+                              "arms": [a.to_dict() for a in experiment.arms]}, sort_keys=False))
+        print(plan(experiment, split))
+        return 0
+    tracker = make_tracker(uri, experiment.tracking.experiment or experiment.name, experiment.tracking.local_dir)
+    split = build_split(experiment)
+    parent = tracker.start(experiment.name, {
+        "kind": "experiment", "experiment_file": str(Path(args.experiment).resolve()),
+        "overrides": json.dumps(args.overrides), "variant": args.variant or "", "arms": args.arms or "",
+        "git_commit": git_commit(),
+        "split_hash": split.digest})
+    print(f"parent run {parent.run_id} ({tracker.description})", flush=True)
+    parent.log_params({"split": split_params(experiment, split), "arms": [a.name for a in experiment.arms],
+                       "seeds": experiment.seeds})
+    with tempfile.TemporaryDirectory() as tmp:  # what --resume compares the experiment file against
+        resolved = Path(tmp) / RESOLVED
+        resolved.write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
+        parent.log_artifact(resolved)
+    progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
+    execute(experiment, split, tracker, parent, progress)
+    return 0
+
+
+def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted paths to every scalar, arms addressed by name as in overrides (``arms.gem.epoch``)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list):
+        items = ((item.get("name", i) if isinstance(item, dict) else i, item) for i, item in enumerate(tree))
+    else:
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(leaves(value, f"{prefix}{key}."))
+    return out or {prefix: tree}
+
+
+def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    a, b = leaves(before), leaves(after)
+    return sorted(k.rstrip(".") for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def resume(args: argparse.Namespace) -> int:
+    tracker = make_tracker(args.tracking_uri, None)
+    info = tracker.info(args.resume)
+    if info.tags.get("kind") != "experiment":
+        raise UserError(f"run {args.resume} is not an experiment's parent run (its arms are resumed through it)")
+    if info.status == "FINISHED":
+        raise UserError(f"experiment run {args.resume} already finished; nothing to resume")
+    tracker.use_experiment(info.experiment)
+    experiment = only_arms(load_experiment(info.tags["experiment_file"], json.loads(info.tags.get("overrides", "[]")),
+                                           info.tags.get("variant") or None), info.tags.get("arms"))
+    recorded = tracker.read_artifact(args.resume, RESOLVED)
+    if recorded is not None:
+        diff = changed_keys(yaml.safe_load(recorded), yaml.safe_load(yaml.safe_dump(experiment.raw)))
+        if diff and not args.force:
+            raise UserError(f"{info.tags['experiment_file']} changed since run {args.resume} started "
+                            f"(keys: {', '.join(diff[:12])}); pass --force to continue anyway")
+    split = build_split(experiment)
+    if split.digest != info.tags.get("split_hash", split.digest) and not args.force:
+        raise UserError(f"the split's data changed since run {args.resume} started (hash {split.digest}, was "
+                        f"{info.tags['split_hash']}); pass --force to continue anyway")
+    parent = tracker.reopen(args.resume)
+    print(f"resuming parent run {parent.run_id} ({tracker.description})", flush=True)
+    previous = {}
+    for child in sorted(tracker.children(args.resume), key=lambda c: c.status == "FINISHED"):
+        previous[run_key(child)] = child  # a FINISHED run of an arm and seed wins over an interrupted one
+    progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
+    execute(experiment, split, tracker, parent, progress, previous, restart=args.force)
+    return 0
