@@ -54,3 +54,17 @@ def test_decoded_image_folders_are_cached_outside_the_data_folder() -> None:
     assert first.train_x.shape == (1000, 3, 32, 32) and first.test_x.shape == (200, 3, 32, 32)
     means = first.train_x.float().div(255).mean((0, 2, 3))
     assert ((means > 0.2) & (means < 0.8)).all()
+
+
+def test_xavier_uniform_init_is_the_original_gem_mlps() -> None:
+    """Every layer, head included: weights in ±sqrt(6 / (fan_in + fan_out)), zero biases."""
+    net = build_network("mlp", {"hidden": [100, 100], "init": "xavier_uniform"}, (1, 28, 28), 10)
+    layers = [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 3
+    for layer in layers:
+        fan_out, fan_in = layer.weight.shape
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert float(layer.weight.abs().max()) <= bound and float(layer.weight.abs().max()) > 0.9 * bound
+        assert float(layer.bias.abs().max()) == 0.0
+    default = build_network("mlp", {"hidden": [100, 100]}, (1, 28, 28), 10)
+    assert float(default.head.bias.abs().max()) > 0  # PyTorch's default draws biases too

@@ -25,7 +25,7 @@ from harness.engine.optim import OPTIMIZERS, SCHEDULERS
 from harness.engine.precision import Switch, check_compiler
 from harness.errors import ConfigError
 from harness.methods import EPISODIC_METHODS, METHODS, method_class
-from harness.models import BACKBONES, LIBCONTINUAL_BACKBONE_KEYS, build_backbone
+from harness.models import BACKBONES, INITS, LIBCONTINUAL_BACKBONE_KEYS, NETWORK_KEYS, build_backbone
 
 TOP_KEYS = ("name", "description", "split", "seeds", "arms", "tracking", "engine", "search", "variants")
 SPLIT_KEYS = ("dataset", "data_root", "class_order", "init_cls_num", "inc_cls_num", "task_num", "seed", "val_fraction",
@@ -366,7 +366,10 @@ def _parse_arm(raw: Any, index: int, split: SplitSpec, engine: dict[str, Any], e
         raise ConfigError("is required", key="backbone", source=source)
     backbone_name, backbone_kwargs = _block(merged["backbone"], "backbone", source, BACKBONES, "backbone")
     check_call_kwargs(BACKBONES[backbone_name], backbone_kwargs, key="backbone.kwargs", source=source,
-                      skip=("in_channels", "image_size"), extra=LIBCONTINUAL_BACKBONE_KEYS)
+                      skip=("in_channels", "image_size"), extra=(*LIBCONTINUAL_BACKBONE_KEYS, *NETWORK_KEYS))
+    if backbone_kwargs.get("init", "default") not in INITS:
+        raise ConfigError(f"must be one of {', '.join(INITS)}, not {backbone_kwargs['init']!r}",
+                          key="backbone.kwargs.init", source=source)
     if backbone_kwargs.get("num_classes") not in (None, split.offsets[-1]):
         raise ConfigError(f"is {backbone_kwargs['num_classes']} but the split has {split.offsets[-1]} classes",
                           key="backbone.kwargs.num_classes", source=source)

@@ -44,6 +44,9 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
 
 # LibContinual backbone blocks carry these; they are checked against the split instead of passed on.
 LIBCONTINUAL_BACKBONE_KEYS = ("num_classes", "args")
+# Keys of a backbone block that concern the whole network (backbone and head), not the backbone builder.
+NETWORK_KEYS = ("init",)
+INITS = ("default", "xavier_uniform")
 
 
 class Network(nn.Module):
@@ -63,14 +66,30 @@ class Network(nn.Module):
 
 
 def build_backbone(name: str, kwargs: dict[str, Any], image_shape: tuple[int, int, int]) -> nn.Module:
-    kwargs = {k: v for k, v in kwargs.items() if k not in LIBCONTINUAL_BACKBONE_KEYS}
+    kwargs = {k: v for k, v in kwargs.items() if k not in (*LIBCONTINUAL_BACKBONE_KEYS, *NETWORK_KEYS)}
     if name == "mlp":
         return mlp(image_shape[0], image_shape[1], **kwargs)
     return BACKBONES[name](image_shape[0], **kwargs)
 
 
 def build_network(name: str, kwargs: dict[str, Any], image_shape: tuple[int, int, int], num_classes: int) -> Network:
-    return Network(build_backbone(name, kwargs, image_shape), num_classes)
+    """The backbone named ``name`` with a linear head over ``num_classes``; ``kwargs['init']`` picks the
+    initialisation of every layer (``initialize``)."""
+    net = Network(build_backbone(name, kwargs, image_shape), num_classes)
+    initialize(net, kwargs.get("init", "default"))
+    return net
+
+
+def initialize(net: nn.Module, scheme: str) -> None:
+    """``default``: PyTorch's own layer initialisation. ``xavier_uniform``: Xavier-uniform weights and zero
+    biases for every linear and convolutional layer, head included, as the original GEM code's MLP."""
+    if scheme == "default":
+        return
+    for module in net.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
 
 
 def count_parameters(module: nn.Module) -> int:
