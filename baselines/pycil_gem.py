@@ -41,6 +41,7 @@ from harness.gem.memory import herd_by_class
 from harness.gem.method import assign_flat_gradient, flat_gradient
 from harness.methods.base import Batch, Context, Method, StepResult, restrict_logits
 from harness.methods.nme import class_means, cnn_and_nme_scores, embed
+from harness.methods.registry import register_method
 
 
 def quadprog_projection(g: torch.Tensor, G: torch.Tensor, margin: float) -> tuple[torch.Tensor, bool]:
@@ -62,8 +63,11 @@ def quadprog_projection(g: torch.Tensor, G: torch.Tensor, margin: float) -> tupl
     return projected, retried
 
 
+@register_method("pycil_gem")
 class PyCILGEM(Method):
-    name = "pycil_gem"
+    protocols = ("class_incremental",)  # per-class exemplars of a class-incremental split
+    episodic_memory = True
+    metric_columns = ("nme_cil_acc",)
     graph_blocker = "the PyCIL-style step checks the constraints and solves the QP on the host, as PyCIL does"
 
     @dataclass

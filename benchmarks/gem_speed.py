@@ -84,7 +84,7 @@ def method_step(method: Method, ctx: Context, t: int, batch: int, precision: Pre
             return method.observe(Batch(images, ctx.train_transform(images, train=True), ctx.train_labels[idx]),
                                   optimizer)
 
-    runner = GraphedStep(observe, batch, ctx.device, enabled=graphs, blocker=method.graph_blocker,
+    runner = GraphedStep(observe, batch, ctx.device, enabled=graphs, blocker=None if method.graph_safe else method.graph_blocker,
                          note=lambda line: print(line, file=sys.stderr))
 
     def step() -> None:

@@ -17,6 +17,7 @@ from torch import nn
 from harness.engine.progress import Progress
 from harness.engine.trainer import ArmTrainer
 from harness.gem.method import flat_gradient
+from harness.methods import methods
 from tests.conftest import digits_arm, digits_trainer
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -117,16 +118,27 @@ def snapshot(obj: Any, depth: int = 0) -> Any:
     return ("object", id(obj))
 
 
-@pytest.mark.parametrize("method", [
-    {"name": "finetune"},
-    {"name": "joint", "kwargs": {"train_mask": "task"}},
-    GEM,
-    {"name": "gem", "kwargs": {"n_memories": 40, "memory_fill": "herding", "train_mask": "seen"}},
-    {"name": "agem", "kwargs": {"n_memories": 40, "sample_size": 30}},
-])
+# Settings that exercise more of a method than its defaults (small memories, the herding path); every other
+# registered graph-safe method is checked with its defaults.
+CONTRACT_SETTINGS = {
+    "joint": [{"train_mask": "task"}],
+    "gem": [GEM["kwargs"], {"n_memories": 40, "memory_fill": "herding", "train_mask": "seen"}],
+    "agem": [{"n_memories": 40, "sample_size": 30}],
+}
+GRAPH_SAFE = [{"name": name, "kwargs": kwargs} for name, cls in methods().items() if cls.graph_safe
+              for kwargs in CONTRACT_SETTINGS.get(name, [{}])]
+
+
+def test_every_registered_method_is_checked_or_runs_eagerly() -> None:
+    assert {m["name"] for m in GRAPH_SAFE} >= {"finetune", "joint", "gem", "agem"}
+    assert not methods()["pycil_gem"].graph_safe  # opt-in: a method that does not declare it is never captured
+
+
+@pytest.mark.parametrize("method", GRAPH_SAFE, ids=lambda m: f"{m['name']}-{len(m['kwargs'])}")
 def test_observe_only_updates_device_tensors_in_place(method: dict[str, Any]) -> None:
-    """The contract a replay relies on: after ``count_step``, ``observe`` changes no Python state and
-    rebinds no tensor; it only writes into the tensors it already holds."""
+    """The contract a replay relies on, for every method that declares ``graph_safe``: after
+    ``count_step``, ``observe`` changes no Python state and rebinds no tensor; it only writes into the
+    tensors it already holds."""
     t = trainer("cpu", True, method)
     begin(t, 0)
     run_steps(t, full_batches(t, 0, 6))

@@ -24,7 +24,7 @@ from harness.data.split import task_offsets
 from harness.engine.optim import OPTIMIZERS, SCHEDULERS
 from harness.engine.precision import Switch, check_compiler
 from harness.errors import ConfigError
-from harness.methods import EPISODIC_METHODS, METHODS, method_class
+from harness.methods import method_class, methods
 from harness.models import BACKBONES, INITS, LIBCONTINUAL_BACKBONE_KEYS, NETWORK_KEYS, build_backbone
 
 TOP_KEYS = ("name", "description", "split", "seeds", "arms", "tracking", "engine", "search", "variants")
@@ -39,7 +39,6 @@ LIBCONTINUAL_SPLIT_KEYS = ("init_cls_num", "inc_cls_num", "task_num", "data_root
 LIBCONTINUAL_RECORDED = ("val_per_epoch", "image_size", "pin_memory", "device_ids", "n_gpu", "save_path")
 LIBCONTINUAL_KEYS = (*LIBCONTINUAL_SPLIT_KEYS, *LIBCONTINUAL_RECORDED, "buffer", "classifier", "workers", "seed",
                      "deterministic", "includes")
-LIBCONTINUAL_CLASSIFIERS = {"GEM": "gem", "AGEM": "agem", "Finetune": "finetune", "Joint": "joint"}
 REPLAY_BUFFER_SENTENCE = (
     "GEM's episodic memory is not a rehearsal buffer: its examples only constrain the gradient and never "
     "enter training batches, so set the memory with classifier/method n_memories (per task) and leave "
@@ -295,7 +294,8 @@ def _method_from_classifier(merged: dict[str, Any], split: SplitSpec, source: st
     memory_strength}}`` to ``method``; num_class and n_task are checked here, feat_dim once the backbone is
     built."""
     clf = merged["classifier"]
-    name, kwargs = _block(clf, "classifier", source, LIBCONTINUAL_CLASSIFIERS, "LibContinual classifier")
+    classifiers = {cls.libcontinual_name: name for name, cls in methods().items() if cls.libcontinual_name}
+    name, kwargs = _block(clf, "classifier", source, classifiers, "LibContinual classifier")
     kwargs = dict(kwargs)
     num_class = kwargs.pop("num_class", None)
     if num_class is not None and num_class != split.offsets[-1]:
@@ -306,7 +306,7 @@ def _method_from_classifier(merged: dict[str, Any], split: SplitSpec, source: st
         raise ConfigError(f"is {n_task} but split.task_num is {split.task_num}", key="classifier.kwargs.n_task",
                           source=source)
     kwargs.pop("feat_dim", None)
-    return {"name": LIBCONTINUAL_CLASSIFIERS[name], "kwargs": kwargs}
+    return {"name": classifiers[name], "kwargs": kwargs}
 
 
 def _check_libcontinual_split(merged: dict[str, Any], split: SplitSpec, source: str) -> None:
@@ -351,15 +351,16 @@ def _parse_arm(raw: Any, index: int, split: SplitSpec, engine: dict[str, Any], e
     if merged.get("method") is None:
         raise ConfigError("is required (or a LibContinual classifier block)", key="method", source=source)
 
-    method_name, method_kwargs = _block(merged["method"], "method", source, METHODS, "method")
-    if method_name == "pycil_gem" and split.protocol != "class_incremental":
-        raise ConfigError("PyCIL's GEM keeps per-class exemplars of a class-incremental split; use gem for the "
-                          f"{split.protocol} protocol", key="method.name", source=source)
-    options = build_options(method_class(method_name).Options, method_kwargs, key="method.kwargs", source=source)
+    method_name, method_kwargs = _block(merged["method"], "method", source, methods(), "method")
+    cls = method_class(method_name)
+    if split.protocol not in cls.protocols:
+        raise ConfigError(f"{method_name} supports the {', '.join(cls.protocols)} protocol(s), not {split.protocol}",
+                          key="method.name", source=source)
+    options = build_options(cls.Options, method_kwargs, key="method.kwargs", source=source)
     buffer = merged.get("buffer") or {}
     buffer_size = (buffer.get("kwargs") or {}).get("buffer_size", 0) if isinstance(buffer, dict) else 0
-    if buffer_size:
-        reason = REPLAY_BUFFER_SENTENCE if method_name in EPISODIC_METHODS else "this harness has no rehearsal methods"
+    if buffer_size and not cls.uses_buffer:
+        reason = REPLAY_BUFFER_SENTENCE if cls.episodic_memory else f"method {method_name} uses no rehearsal buffer"
         raise ConfigError(f"is {buffer_size}: {reason}", key="buffer.kwargs.buffer_size", source=source)
 
     if merged.get("backbone") is None:

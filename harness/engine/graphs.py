@@ -18,7 +18,7 @@ step must have static shapes and keep all of its state in tensors it updates in 
 
 The first ``warmup`` full steps of a task run eagerly on a side stream (cuDNN picks its algorithms,
 optimizer state is created), then the step is captured and replayed. A method that synchronises with the
-host by design (the PyCIL-style arm: quadprog on the CPU) says so in ``Method.graph_blocker`` and runs
+host by design (the PyCIL-style arm: quadprog on the CPU) is not ``Method.graph_safe``, says why and runs
 eagerly; so does any step whose capture fails, with one logged line saying why.
 """
 

@@ -29,7 +29,7 @@ from harness.tracking import Run, Tracker
 from harness.tracking.plots import accuracy_curves, matrix_heatmap
 
 TABLE_COLUMNS = ["task0_acc", "cil_acc", "cil_avg_incremental", "til_acc", "til_avg_incremental", "cil_bwt",
-                 "til_bwt", "cil_forgetting", "nme_cil_acc", "wall_seconds"]
+                 "til_bwt", "cil_forgetting", "wall_seconds"]
 
 
 def git_commit() -> str:
@@ -172,11 +172,18 @@ def _device_name(device: torch.device) -> str:
     return "cpu"
 
 
+def table_columns(outcomes: list[ArmOutcome]) -> list[str]:
+    """The shared columns, then those the arms' methods add (``Method.metric_columns``)."""
+    extra = [c for o in outcomes for c in method_class(o.method).metric_columns]
+    return [*TABLE_COLUMNS[:-1], *dict.fromkeys(extra), TABLE_COLUMNS[-1]]
+
+
 def comparison_table(outcomes: list[ArmOutcome]) -> pd.DataFrame:
     """Per arm and metric: mean, sample std (ddof 1; NaN for one seed) and n over the arm's seeds."""
-    rows = [{"arm": o.arm, "seed": o.seed, **{c: o.summary.get(c, np.nan) for c in TABLE_COLUMNS}} for o in outcomes]
+    wanted = table_columns(outcomes)
+    rows = [{"arm": o.arm, "seed": o.seed, **{c: o.summary.get(c, np.nan) for c in wanted}} for o in outcomes]
     frame = pd.DataFrame(rows).dropna(axis=1, how="all")
-    columns = [c for c in TABLE_COLUMNS if c in frame.columns]
+    columns = [c for c in wanted if c in frame.columns]
     stats = frame.groupby("arm", sort=False)[columns].agg(["mean", "std", "count"])
     return stats.rename(columns={"count": "n"}, level=1)
 

@@ -193,9 +193,10 @@ class ArmTrainer:
         graphs = engine.cuda_graph if engine.cuda_graph is not None else self.device.type == "cuda"
         # Graph-ready (tensor learning rate, fused update) whenever capture may be tried; on a CPU that is
         # the very step a GPU would capture, run eagerly.
-        self.graph_ready = bool(graphs) and self.method.graph_blocker is None
-        self.step = GraphedStep(self._step, arm.batch_size, self.device, enabled=bool(graphs),
-                                blocker=self.method.graph_blocker, note=self.progress.note)
+        blocker = None if self.method.graph_safe else self.method.graph_blocker
+        self.graph_ready = bool(graphs) and blocker is None
+        self.step = GraphedStep(self._step, arm.batch_size, self.device, enabled=bool(graphs), blocker=blocker,
+                                note=self.progress.note)
         images, labels = (dataset.test_x, split.test_y) if evaluate_on == "test" else (dataset.train_x, split.train_y)
         self.evaluator = Evaluator(split, images, labels, evaluate_on, engine.eval_batch_size, self.device)
         # Validation accuracy is logged under val_ names, so it can never be read as a test result.

@@ -19,6 +19,7 @@ from harness.gem.memory import EpisodicMemory, herd_by_class, per_class_quota
 from harness.gem.qp import gradient_projection
 from harness.methods.base import Batch, Context, Method, StepResult, TrainMask, restrict_logits
 from harness.methods.nme import class_means, cnn_and_nme_scores, embed
+from harness.methods.registry import register_method
 
 MemoryFill = Literal["ring", "random", "herding"]
 
@@ -47,6 +48,10 @@ def assign_flat_gradient(params: list[nn.Parameter], flat: torch.Tensor) -> None
 
 class EpisodicMethod(Method):
     """Shared by GEM and A-GEM: the per-task memory, how it is filled, and NME evaluation over it."""
+
+    episodic_memory = True
+    metric_columns = ("nme_cil_acc",)
+    graph_safe = True
 
     def __init__(self, net: nn.Module, options: Any, ctx: Context) -> None:
         super().__init__(net, options, ctx)
@@ -111,10 +116,11 @@ class EpisodicMethod(Method):
         self.steps, self.projections = state["steps"], state["projections"]
 
 
+@register_method("gem")
 class GEM(EpisodicMethod):
     """Gradient Episodic Memory; defaults are the original code's (ring memory, γ = 0.5, ε = 1e-3)."""
 
-    name = "gem"
+    libcontinual_name = "GEM"
 
     @dataclass
     class Options(MemoryOptions):
@@ -163,10 +169,11 @@ class GEM(EpisodicMethod):
         self.unconverged = state["unconverged"]
 
 
+@register_method("agem")
 class AGEM(EpisodicMethod):
     """Averaged GEM: one constraint, from a random ``sample_size`` drawn from all past memories."""
 
-    name = "agem"
+    libcontinual_name = "AGEM"
 
     @dataclass
     class Options(MemoryOptions):

@@ -1,22 +1,8 @@
-"""Method registry: every arm is a ``Method`` subclass found here by name."""
+"""Methods: the ``Method`` interface (``base``), the registry every method file registers itself in, and the
+methods that need nothing beyond the interface."""
 
 from __future__ import annotations
 
-import importlib
+from harness.methods.registry import method_class, methods, register_method
 
-from harness.methods.base import Method
-
-METHODS = {
-    "finetune": "harness.methods.base:Finetune",
-    "joint": "harness.methods.base:Joint",
-    "gem": "harness.gem.method:GEM",
-    "agem": "harness.gem.method:AGEM",
-    "pycil_gem": "baselines.pycil_gem:PyCILGEM",
-}
-# Methods that keep GEM's per-task episodic memory (and so reject a rehearsal buffer, and report NME).
-EPISODIC_METHODS = ("gem", "agem", "pycil_gem")
-
-
-def method_class(name: str) -> type[Method]:
-    module, _, attr = METHODS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
+__all__ = ["method_class", "methods", "register_method"]

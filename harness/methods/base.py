@@ -76,11 +76,19 @@ class Method:
 
     ``observe`` may be captured in a CUDA graph and replayed (``harness.engine.graphs``), which runs its
     kernels but none of its Python. So ``observe`` only enqueues device work, with shapes fixed for the task,
-    on tensors it updates in place; host bookkeeping belongs in ``count_step``. A method whose step must
-    talk to the host names the reason in ``graph_blocker`` and always runs eagerly."""
+    on tensors it updates in place; host bookkeeping belongs in ``count_step``. Only a method that declares
+    ``graph_safe`` is captured (the replay-contract test checks each one); any other runs eagerly, and may
+    say why in ``graph_blocker``."""
 
     name: ClassVar[str]
-    graph_blocker: ClassVar[str | None] = None
+    # Capabilities, read by the config, the report and the trainer (set by each method class):
+    protocols: ClassVar[tuple[str, ...]] = ("class_incremental", "permutations", "rotations")
+    uses_buffer: ClassVar[bool] = False  # mixes a rehearsal buffer into training batches
+    episodic_memory: ClassVar[bool] = False  # keeps GEM-style per-task memories that never enter a batch
+    libcontinual_name: ClassVar[str | None] = None  # the LibContinual ``classifier: {name}`` it answers to
+    metric_columns: ClassVar[tuple[str, ...]] = ()  # summary metrics the comparison table adds for it
+    graph_safe: ClassVar[bool] = False  # observe keeps to device work: a CUDA graph may capture it
+    graph_blocker: ClassVar[str] = "the method does not declare graph_safe"
 
     @dataclass
     class Options:
@@ -141,25 +149,3 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned (for resume)."""
-
-
-class Finetune(Method):
-    """Lower bound: train on each new task as it comes, no memory."""
-
-    name = "finetune"
-
-
-class Joint(Method):
-    """Upper bound: when task t arrives, train on the data of every task 0..t."""
-
-    name = "joint"
-
-    @staticmethod
-    def training_tasks(task: int) -> list[int]:
-        return list(range(task + 1))
-
-    def loss_and_correct(self, inputs: torch.Tensor, labels: torch.Tensor, data_task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.options.train_mask != "task":
-            return super().loss_and_correct(inputs, labels, data_task)
-        logits = restrict_logits(self.net(inputs), *self.ctx.split.label_bounds(labels))
-        return nn.functional.cross_entropy(logits, labels), (logits.argmax(1) == labels).sum()
