@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 
 from baselines.pycil_gem import quadprog_projection
@@ -72,3 +73,30 @@ def test_singular_gram_is_retried_with_a_tiny_ridge() -> None:
     projected, retried = quadprog_projection(g, G, 0.0)
     assert retried and torch.isfinite(projected).all()
     assert (G @ projected).min() >= -1e-6 * float(g.norm() * G.norm(dim=1).max())
+
+
+def test_the_reference_imports_no_gem_helper_from_the_harness() -> None:
+    """Only shared plumbing: a bug in harness/gem or the harness's NME must not move both arms together."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "baselines" / "pycil_gem.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    harness = {m for m in imported if m.startswith("harness")}
+    assert harness <= {"harness.config.options", "harness.methods.base", "harness.methods.registry"}, harness
+
+
+def test_the_reference_initialises_as_pycil() -> None:
+    """He-normal (fan_out) convolutions; each new task's head rows Kaiming-uniform with zero bias."""
+    trainer = digits_trainer([digits_arm("p", {"name": "pycil_gem", "kwargs": {"memory_size": 40}}, epoch=1,
+                                         backbone={"name": "resnet32"})], "p", task_num=2)
+    conv = trainer.net.backbone.layers[-1].conv2.weight
+    fan_out = conv.shape[0] * conv.shape[2] * conv.shape[3]
+    assert float(conv.std()) == pytest.approx((2 / fan_out) ** 0.5, rel=0.1)
+    trainer.method.after_task(0)  # exemplars of task 0, which task 1 replays
+    trainer.method.before_task(1)
+    lo, hi = trainer.split.bounds[1]
+    assert float(trainer.net.head.bias[lo:hi].abs().max()) == 0.0
+    bound = (3 / trainer.net.head.in_features) ** 0.5  # kaiming_uniform for a linear layer: sqrt(3 / fan_in)
+    assert 0.8 * bound < float(trainer.net.head.weight[lo:hi].abs().max()) <= bound
