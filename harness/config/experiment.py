@@ -23,7 +23,7 @@ from harness.data.datasets import DATASETS, list_class_folders
 from harness.data.split import task_offsets
 from harness.engine.optim import OPTIMIZERS, SCHEDULERS
 from harness.engine.precision import Switch, check_compiler
-from harness.errors import ConfigError
+from harness.errors import ConfigError, UserError
 from harness.methods import method_class, methods
 from harness.models import BACKBONES, INITS, LIBCONTINUAL_BACKBONE_KEYS, NETWORK_KEYS, build_backbone
 
@@ -294,19 +294,50 @@ def _method_from_classifier(merged: dict[str, Any], split: SplitSpec, source: st
     memory_strength}}`` to ``method``; num_class and n_task are checked here, feat_dim once the backbone is
     built."""
     clf = merged["classifier"]
-    classifiers = {cls.libcontinual_name: name for name, cls in methods().items() if cls.libcontinual_name}
-    name, kwargs = _block(clf, "classifier", source, classifiers, "LibContinual classifier")
-    kwargs = dict(kwargs)
+    if isinstance(clf, dict) and "import" in clf:  # the researcher's own class, run unchanged
+        reject_unknown(clf, ("name", "import", "kwargs", "steps_itself"), key="classifier", source=source)
+        kwargs = dict(clf.get("kwargs") or {})
+        name = None
+    else:
+        classifiers = {cls.libcontinual_name: name for name, cls in methods().items() if cls.libcontinual_name}
+        name, kwargs = _block(clf, "classifier", source, classifiers, "LibContinual classifier")
+        kwargs = dict(kwargs)
     num_class = kwargs.pop("num_class", None)
     if num_class is not None and num_class != split.offsets[-1]:
         raise ConfigError(f"is {num_class} but the split has {split.offsets[-1]} classes",
                           key="classifier.kwargs.num_class", source=source)
-    n_task = kwargs.pop("n_task", None)
+    n_task = kwargs.get("n_task")
     if n_task is not None and n_task != split.task_num:
         raise ConfigError(f"is {n_task} but split.task_num is {split.task_num}", key="classifier.kwargs.n_task",
                           source=source)
     kwargs.pop("feat_dim", None)
+    if name is None:  # an imported class gets feat_dim and num_class as its constructor's arguments
+        return {"import": clf["import"], "kwargs": kwargs, "steps_itself": clf.get("steps_itself", False)}
+    kwargs.pop("n_task", None)
     return {"name": classifiers[name], "kwargs": kwargs}
+
+
+def _import_block(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """``{import: path.py:Class, kwargs, steps_itself}`` as the ``import`` method's block, the path resolved
+    next to the file that names it (then the working directory), the class imported and checked now."""
+    from harness.methods.imported import load_class, split_target
+
+    reject_unknown(raw, ("import", "kwargs", "steps_itself"), key="method", source=source)
+    target = _typed(raw["import"], (str,), "method.import", source)
+    try:
+        path, name = split_target(target)
+    except UserError as exc:
+        raise ConfigError(str(exc), key="method.import", source=source) from None
+    for candidate in (Path(source).parent / path, path):
+        if candidate.is_file():
+            path = candidate.resolve()
+            break
+    else:
+        raise ConfigError(f"{path}: no such file (looked next to {source} and in the working directory)",
+                          key="method.import", source=source)
+    load_class(f"{path}:{name}")
+    return {"name": "import", "kwargs": {"target": f"{path}:{name}", "kwargs": dict(raw.get("kwargs") or {}),
+                                         "steps_itself": raw.get("steps_itself", False)}}
 
 
 def _check_libcontinual_split(merged: dict[str, Any], split: SplitSpec, source: str) -> None:
@@ -350,6 +381,8 @@ def _parse_arm(raw: Any, index: int, split: SplitSpec, engine: dict[str, Any], e
         merged["method"] = _method_from_classifier(merged, split, source)
     if merged.get("method") is None:
         raise ConfigError("is required (or a LibContinual classifier block)", key="method", source=source)
+    if isinstance(merged["method"], dict) and "import" in merged["method"]:
+        merged["method"] = _import_block(merged["method"], source)
 
     method_name, method_kwargs = _block(merged["method"], "method", source, methods(), "method")
     cls = method_class(method_name)

@@ -32,6 +32,8 @@ class Evaluator:
 
     @torch.no_grad()
     def scores(self, method: Method) -> dict[str, torch.Tensor]:
+        """Each predictor's scores (or predicted labels) over every example; ``<name>:til`` entries hold a
+        predictor's task-incremental labels where the method gives them (``Method.predict_til``)."""
         net = method.net
         was_training = net.training
         net.eval()
@@ -39,7 +41,9 @@ class Evaluator:
         for i in range(0, len(self.images), self.batch_size):
             inputs = method.ctx.eval_transform(self.images[i : i + self.batch_size], train=False)
             for name, s in method.predict(inputs).items():
-                parts.setdefault(name, []).append(s.float())
+                parts.setdefault(name, []).append(s if s.dim() == 1 else s.float())
+            for name, s in method.predict_til(inputs, self.task[i : i + self.batch_size]).items():
+                parts.setdefault(f"{name}:til", []).append(s)
         net.train(was_training)
         return {name: torch.cat(p) for name, p in parts.items()}
 
@@ -51,11 +55,18 @@ class Evaluator:
         """Per predictor p: ``{p_prefix}cil`` and ``{p_prefix}til`` rows of accuracy on every task, with
         ``trained`` the index of the last task trained (-1 before any training)."""
         rows = {}
-        for name, scores in self.scores(method).items():
+        everything = self.scores(method)
+        for name, scores in everything.items():
+            if name.endswith(":til"):
+                continue
             prefix = "" if name == "cnn" else f"{name}_"
             horizon = torch.clamp(self.task, min=max(trained, 0))
-            cil = restrict_logits(scores, 0, self.seen[horizon]).argmax(1) == self.labels
-            til = restrict_logits(scores, self.lo[self.task], self.hi[self.task]).argmax(1) == self.labels
+            if scores.dim() == 1:  # predicted labels: the method's own decision rule, taken as it is
+                cil = scores == self.labels
+                til = everything[f"{name}:til"] == self.labels if f"{name}:til" in everything else None
+            else:
+                cil = restrict_logits(scores, 0, self.seen[horizon]).argmax(1) == self.labels
+                til = restrict_logits(scores, self.lo[self.task], self.hi[self.task]).argmax(1) == self.labels
             rows[f"{prefix}cil"] = self._task_accuracy(cil)
-            rows[f"{prefix}til"] = self._task_accuracy(til)
+            rows[f"{prefix}til"] = self._task_accuracy(til) if til is not None else np.full(len(self.sizes), np.nan)
         return rows

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import hashlib
 import json
 import subprocess
 import tempfile
@@ -146,6 +148,8 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
         try:
             trainer = ArmTrainer(arm, split, run, progress, checkpoint_dir=checkpoints)
             run.set_tags(trainer.precision.tags)
+            if resume_run is None:
+                record_source(run, tracker, arm.name, trainer.method.provenance())
             result = trainer.fit(checkpoint)
         except BaseException as exc:
             progress.note(f"{arm.name}: stopped: {exc}")
@@ -164,6 +168,35 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
     run.end("FINISHED")
     curve = seen_accuracy(result.matrices["cil"], result.sizes).tolist()
     return ArmOutcome(arm.name, arm.method.name, run.run_id, result.summary, curve, arm.engine.seed)
+
+
+def record_source(run: Run, tracker: Tracker, arm: str, files: dict[str, Path]) -> None:
+    """An imported method's source files under ``source/`` with their SHA-256 (``source/SHA256SUMS`` and the
+    ``source_sha256`` tag), and ``source.diff``: what changed since the previous finished run of this arm."""
+    if not files:
+        return
+    sums = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {name}\n" for name, p in files.items())
+    previous = tracker.previous_arm_run(arm, run.run_id)
+    old_sums = tracker.read_artifact(previous.run_id, "source/SHA256SUMS") if previous else None
+    diff = []
+    if previous is not None and old_sums is not None:
+        names = sorted({line.split("  ", 1)[1] for line in old_sums.splitlines()} | set(files))
+        for name in names:
+            before = tracker.read_artifact(previous.run_id, f"source/{name}") or ""
+            after = files[name].read_text() if name in files else ""
+            diff += difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
+                                         f"{previous.run_id[:8]}/{name}", f"{run.run_id[:8]}/{name}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in files.values():
+            run.log_artifact(path, "source")
+        (Path(tmp) / "SHA256SUMS").write_text(sums)
+        run.log_artifact(Path(tmp) / "SHA256SUMS", "source")
+        if previous is not None:
+            text = "".join(diff) or f"no change since run {previous.run_id}\n"
+            (Path(tmp) / "source.diff").write_text(text)
+            run.log_artifact(Path(tmp) / "source.diff")
+    run.set_tags({"source_sha256": hashlib.sha256(sums.encode()).hexdigest(),
+                  "source_changed": str(bool(diff)).lower() if previous is not None else "first run"})
 
 
 def _device_name(device: torch.device) -> str:

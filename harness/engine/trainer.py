@@ -178,7 +178,9 @@ class ArmTrainer:
         if self.precision.warning:
             self.progress.note(f"{arm.name}: {self.precision.warning}")
         dataset = split.dataset
-        self.net = build_network(arm.backbone.name, arm.backbone.kwargs, dataset.image_shape, split.num_classes).to(self.device)
+        method_cls = method_class(arm.method.name)
+        self.net = build_network(arm.backbone.name, arm.backbone.kwargs, dataset.image_shape,
+                                 None if method_cls.owns_head else split.num_classes).to(self.device)
         if self.precision.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if engine.compile:
@@ -189,7 +191,7 @@ class ArmTrainer:
                                 dataset.mean, dataset.std, self.device, channels_last=layout)
         self.ctx = Context(split, dataset.train_x.to(self.device), split.train_y.to(self.device), train_t, eval_t,
                            self.device)
-        self.method = method_class(arm.method.name)(self.net, arm.method.options, self.ctx)
+        self.method = method_cls(self.net, arm.method.options, self.ctx)
         graphs = engine.cuda_graph if engine.cuda_graph is not None else self.device.type == "cuda"
         # Graph-ready (tensor learning rate, fused update) whenever capture may be tried; on a CPU that is
         # the very step a GPU would capture, run eagerly.
@@ -212,7 +214,7 @@ class ArmTrainer:
     def _build_optimizer(self, task: int) -> None:
         opt_block: Block = self.arm.init_optimizer if task == 0 else self.arm.optimizer
         sched_block: Block = self.arm.init_lr_scheduler if task == 0 else self.arm.lr_scheduler
-        self.optimizer = build_optimizer(opt_block.name, opt_block.kwargs, self.net.parameters(),
+        self.optimizer = build_optimizer(opt_block.name, opt_block.kwargs, self.method.optimizer_params(self.arm.to_dict()),
                                          graph_ready=self.graph_ready, device=self.device)
         self.scheduler = build_scheduler(self.optimizer, sched_block.options, self.arm.warmup)
 
@@ -260,14 +262,20 @@ class ArmTrainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         set_rng_state(checkpoint["rng"])
 
-    def checkpoint(self) -> None:
-        if self.checkpoint_dir is not None:
+    def checkpoint(self, *, boundary: bool = False) -> None:
+        """Write the arm's state; ``boundary``: between tasks. A method whose state_dict does not capture
+        everything (``Method.resumable``) is only checkpointed between tasks, so a resume restarts its task."""
+        if self.checkpoint_dir is not None and (boundary or self.method.resumable):
             save_checkpoint(self.state_dict(), self.checkpoint_dir)
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self, checkpoint: dict[str, Any] | None = None) -> ArmResult:
         if checkpoint is not None:
             self.load_state_dict(checkpoint)
+            if not self.method.resumable:
+                self.progress.note(f"{self.arm.name}: the method's state_dict does not hold all of its state: task "
+                                   f"{self.state.task} restarts from its first epoch, and state it kept outside "
+                                   "state_dict in earlier tasks is not restored")
         s = self.state
         if not s.baseline:
             s.baseline = {k: v.tolist() for k, v in self.evaluate(-1).items()}
@@ -308,11 +316,11 @@ class ArmTrainer:
         self._count_time(mark)
         self._log_task(task, rows, s.task_seconds)
         s.task, s.epoch, s.task_seconds = task + 1, 0, 0.0
-        self.checkpoint()
+        self.checkpoint(boundary=True)
 
     def _train_epoch(self, task: int, indices: torch.Tensor, stop: StopSignal) -> None:
         s = self.state
-        self.net.train()
+        self.method.net.train()  # the method's whole model: a method may add modules around the network
         if s.perm is None:
             s.perm = indices[torch.randperm(len(indices), device="cpu").to(self.device)]
             s.step, s.loss_sum, s.correct, s.seen = 0, 0.0, 0, 0

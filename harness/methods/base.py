@@ -89,6 +89,7 @@ class Method:
     metric_columns: ClassVar[tuple[str, ...]] = ()  # summary metrics the comparison table adds for it
     graph_safe: ClassVar[bool] = False  # observe keeps to device work: a CUDA graph may capture it
     graph_blocker: ClassVar[str] = "the method does not declare graph_safe"
+    owns_head: ClassVar[bool] = False  # builds its own classifier on the backbone: the network gets no head
 
     @dataclass
     class Options:
@@ -136,9 +137,30 @@ class Method:
     def after_task(self, task: int) -> None:
         """Update method state once the task's training ends (memories, class means)."""
 
+    def optimizer_params(self, recipe: dict[str, Any]) -> Any:
+        """What the optimizer updates (parameters or param groups); ``recipe`` is the arm's resolved recipe."""
+        return self.net.parameters()
+
+    @property
+    def resumable(self) -> bool:
+        """Whether ``state_dict`` captures all the method's state, so that a resume mid-task is exact."""
+        return True
+
+    def provenance(self) -> dict[str, Any]:
+        """Source files to record with the run (name -> path); methods of this repository need none."""
+        return {}
+
     @torch.no_grad()
     def predict(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per predictor (``cnn``, ``nme``...): class scores [N, classes], or predicted labels [N]."""
         return {"cnn": self.net(inputs)}
+
+    @torch.no_grad()
+    def predict_til(self, inputs: torch.Tensor, tasks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Task-incremental predicted labels, for predictors whose ``predict`` gives labels rather than
+        scores (scores are restricted to each example's task by the evaluator instead). ``tasks``: each
+        example's task index."""
+        return {}
 
     def task_metrics(self) -> dict[str, float]:
         """Method-specific numbers for the task just trained (read once per task)."""

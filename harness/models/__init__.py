@@ -51,12 +51,13 @@ INITS = ("default", "xavier_uniform")
 
 class Network(nn.Module):
     """``features`` = backbone output; ``forward`` = logits over all classes of the split (methods decide
-    which logits each loss sees)."""
+    which logits each loss sees). ``num_classes`` None: no head (a method that brings its own classifier)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int | None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.feat_dim, num_classes)
+        if num_classes is not None:
+            self.head = nn.Linear(backbone.feat_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -72,7 +73,8 @@ def build_backbone(name: str, kwargs: dict[str, Any], image_shape: tuple[int, in
     return BACKBONES[name](image_shape[0], **kwargs)
 
 
-def build_network(name: str, kwargs: dict[str, Any], image_shape: tuple[int, int, int], num_classes: int) -> Network:
+def build_network(name: str, kwargs: dict[str, Any], image_shape: tuple[int, int, int],
+                  num_classes: int | None) -> Network:
     """The backbone named ``name`` with a linear head over ``num_classes``; ``kwargs['init']`` picks the
     initialisation of every layer (``initialize``)."""
     net = Network(build_backbone(name, kwargs, image_shape), num_classes)

@@ -102,6 +102,10 @@ class Tracker:
         """A text artifact of the run, or None if it has none by that name."""
         raise NotImplementedError
 
+    def previous_arm_run(self, arm: str, before: str) -> RunInfo | None:
+        """The latest FINISHED run of the arm named ``arm`` in the current experiment, other than ``before``."""
+        raise NotImplementedError
+
     def info(self, run_id: str) -> RunInfo:
         raise NotImplementedError
 
@@ -184,9 +188,15 @@ class MlflowTracker(Tracker):
     def read_artifact(self, run_id: str, path: str) -> str | None:
         import mlflow
 
-        if path not in {a.path for a in self.client.list_artifacts(run_id)}:
+        folder = path.rpartition("/")[0] or None
+        if path not in {a.path for a in self.client.list_artifacts(run_id, folder)}:
             return None
         return mlflow.artifacts.load_text(f"{self.client.get_run(run_id).info.artifact_uri}/{path}")
+
+    def previous_arm_run(self, arm: str, before: str) -> RunInfo | None:
+        runs = self.client.search_runs([self.experiment_id], f"tags.arm = '{arm}' and attributes.status = 'FINISHED'",
+                                       order_by=["attributes.start_time DESC"], max_results=20)
+        return next((self._info(r) for r in runs if r.info.run_id != before), None)
 
     def _info(self, run: Any, experiment: str | None = None) -> RunInfo:
         experiment = experiment or self.client.get_experiment(run.info.experiment_id).name
@@ -290,6 +300,12 @@ class FolderTracker(Tracker):
     def read_artifact(self, run_id: str, path: str) -> str | None:
         file = self._path(run_id, "artifacts") / path
         return file.read_text() if file.is_file() else None
+
+    def previous_arm_run(self, arm: str, before: str) -> RunInfo | None:
+        runs = [self.info(m.parent.name) for m in self.root.glob("*/meta.json") if m.parent.name != before]
+        runs = [r for r in runs if r.tags.get("arm") == arm and r.status == "FINISHED"]
+        started = {r.run_id: self._read(r.run_id, "meta.json").get("start_time", 0) for r in runs}
+        return max(runs, key=lambda r: started[r.run_id], default=None)
 
     def _records(self, run_id: str) -> list[dict[str, Any]]:
         path = self._path(run_id, "metrics.jsonl")
