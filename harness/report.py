@@ -48,11 +48,24 @@ TARGETS = [
     Target("seed_recipe", "seed_recipe", "task-0 0.63-0.69 (the user's LibContinual runs)"),
     Target("seed_recipe", "pycil_gem", "task-0 ~0.81"),
     Target("gem_paper_cifar100", "gem", "ACC 0.654 (paper); 0.669 / BWT 0.015 / FWT -0.008 (original code rerun)", True),
-    Target("gem_paper_mnist_permutations", "gem", "ACC 0.83 (paper)", True),
-    Target("gem_paper_mnist_permutations", "finetune", "ACC ~0.57 (paper's single)", True),
+    Target("gem_paper_cifar100", "finetune", "paper's single: figure only", True),
+    Target("gem_paper_cifar100", "independent", "figure only", True),
+    Target("gem_paper_cifar100", "ewc", "figure only", True),
+    Target("gem_paper_cifar100", "icarl", "figure only", True),
+    Target("gem_paper_mnist_permutations", "gem", "ACC 0.83 (paper); 0.821 (original code, identical data)", True),
+    Target("gem_paper_mnist_permutations", "finetune", "paper's single: figure only; 0.574 (original code)", True),
+    Target("gem_paper_mnist_permutations", "independent", "figure only", True),
+    Target("gem_paper_mnist_permutations", "multimodal", "figure only", True),
+    Target("gem_paper_mnist_permutations", "ewc", "figure only", True),
     Target("gem_paper_mnist_rotations", "gem", "ACC 0.86 (paper, approx.)", True),
-    Target("gem_paper_mnist_rotations", "finetune", "no published number", True),
+    Target("gem_paper_mnist_rotations", "finetune", "paper's single: figure only", True),
+    Target("gem_paper_mnist_rotations", "independent", "figure only", True),
+    Target("gem_paper_mnist_rotations", "multimodal", "figure only", True),
+    Target("gem_paper_mnist_rotations", "ewc", "figure only", True),
 ]
+PAPER_PROTOCOLS = ["gem_paper_mnist_permutations", "gem_paper_mnist_rotations", "gem_paper_cifar100"]
+PAPER_METHODS = {"finetune": "single", "independent": "independent", "multimodal": "multimodal", "ewc": "EWC",
+                 "icarl": "iCaRL", "gem": "GEM"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +89,7 @@ STUDIES = ["tune_task0", "tune_memory_strength"]
 # (and in the engine seed) are seeds of one recipe and share a row.
 NOT_RECIPE = ("engine.seed", "engine.checkpoint_every", "engine.eval_batch_size", "engine.workers", "engine.device",
               "engine.amp", "engine.channels_last", "split.data_root", "name")
+PAPER = "## Paper comparison"
 RUNS = "## Runs"
 COMPARE = "## Comparisons"
 SEARCHES = "## Searches"
@@ -233,6 +247,23 @@ def comparison_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
+def paper_lines(rows: list[Row]) -> list[str]:
+    """Method x protocol: task-incremental ACC, mean ± std over seeds, of the full-size row with the most
+    seeds (the paper reports ACC with task descriptors), and the rows' runs."""
+    lines = ["| method | " + " | ".join(p.removeprefix("gem_paper_") for p in PAPER_PROTOCOLS) + " |",
+             "|---|" + "---|" * len(PAPER_PROTOCOLS)]
+    for arm, label in PAPER_METHODS.items():
+        cells = []
+        for protocol in PAPER_PROTOCOLS:
+            found = [r for r in rows if r.target.experiment == protocol and r.target.arm == arm
+                     and not r.parent.tags.get("variant")]
+            best = max(found, key=lambda r: len(r.runs), default=None)
+            cells.append("not run" if best is None else
+                         f"{mean_std(best.values('til_acc'))} (n={len(best.runs)}; {best.run_ids})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def search_lines(tracker: MlflowTracker) -> list[str]:
     lines = []
     for name in STUDIES:
@@ -305,7 +336,7 @@ class Report:
     kept: list[str]
     added: list[str]
     updated: list[str]
-    figures: dict[str, str]
+    figures: dict[str, tuple[str, str]]  # file name -> (parent run id, artifact)
 
 
 def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "reproduction") -> Report:
@@ -327,24 +358,36 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
     searches += kept_searches
     searches += [f"| {name} | not run | | | | | |" for name in STUDIES if not any(s.startswith(f"| {name} |") for s in searches)]
 
-    figures: dict[str, str] = {}
+    figures: dict[str, tuple[str, str]] = {}
     blocks = {k: v for k, v in plot_blocks(sections.get(PLOTS, [])).items() if k not in known}
     for row in rows:
         key = row.parent.run_id[:8]
         if key in blocks:
             continue
         name = f"{row.target.experiment}-{key}.png"
-        figures[name] = row.parent.run_id
+        figures[name] = (row.parent.run_id, "arms_cil.png")
         blocks[key] = [f"### {row.target.experiment} ({_label(row.parent, row)}, run `{key}`)", "",
                        f"![CIL accuracy after each task]({figures_dir}/{name})", ""]
+        if row.target.paper_protocol:
+            figure = f"{row.target.experiment}-comparison-{key}.png"
+            figures[figure] = (row.parent.run_id, "comparison.png")
+            blocks[key] += [f"![ACC / BWT / FWT per method and the first task's accuracy]({figures_dir}/{figure})", ""]
+    paper = paper_lines(rows)
+    old_paper = [line for line in table_rows(sections.get(PAPER, [])) if not line.startswith("| method |")]
+    if not any(RUN_ID.search(line) for line in paper) and any(RUN_ID.search(line) for line in old_paper):
+        paper = [*paper[:2], *old_paper]  # the store knows none of the comparison's runs: keep the record's
 
-    lines = [*INTRO, "", RUNS, "", *RUNS_HEADER, *_order(merged), "", COMPARE, "",
+    lines = [*INTRO, "", PAPER, "",
+             "The GEM paper's comparison: task-incremental ACC (the paper's metric, with task descriptors) per",
+             "method and protocol, mean ± std over seeds, each method at the original run script's settings;",
+             "BWT and FWT are in the runs table and the figures below.", "",
+             *paper, "", RUNS, "", *RUNS_HEADER, *_order(merged), "", COMPARE, "",
              "Difference of the means of two rows with its 95% Welch t interval (scipy.stats.ttest_ind,",
              "equal_var=False). The interval needs at least two seeds on each side.", "",
              *COMPARE_HEADER, *(sorted(dict.fromkeys(compare)) or ["| - | no comparable rows yet | | | | | |"]), "",
              SEARCHES, "", *SEARCH_HEADER, *searches, ""]
     for title, body in sections.items():  # sections the report does not write are kept as they are
-        if title not in ("", RUNS, COMPARE, SEARCHES, PLOTS):
+        if title not in ("", PAPER, RUNS, COMPARE, SEARCHES, PLOTS):
             lines += [title, *body]
             if body and body[-1] != "":
                 lines.append("")
@@ -387,9 +430,9 @@ def write_report(report: Report, tracker: MlflowTracker, output: Path) -> None:
     folder = output.parent / "reproduction"
     with tempfile.TemporaryDirectory() as tmp:
         ready = {}
-        for name, parent in report.figures.items():
+        for name, (parent, artifact) in report.figures.items():
             try:
-                ready[name] = Path(tracker.client.download_artifacts(parent, "arms_cil.png", tmp))
+                ready[name] = Path(tracker.client.download_artifacts(parent, artifact, tmp))
             except Exception:  # an experiment whose plot artifact is missing still gets its table row
                 continue
             target = Path(tmp) / name

@@ -149,10 +149,10 @@ def test_observe_only_updates_device_tensors_in_place(method: dict[str, Any]) ->
     index = batches[2]
     t.method.count_step(len(index))
     before = snapshot({"method": t.method, "optimizer": t.optimizer.state_dict()})
-    weights = [p.detach().clone() for p in t.net.parameters()]
+    weights = [p.detach().clone() for p in t.method.net.parameters()]
     t.step(index)
     assert snapshot({"method": t.method, "optimizer": t.optimizer.state_dict()}) == before
-    assert any(not torch.equal(w, p) for w, p in zip(weights, t.net.parameters(), strict=True))
+    assert any(not torch.equal(w, p) for w, p in zip(weights, t.method.net.parameters(), strict=True))
 
 
 def test_cuda_graph_without_cuda_logs_one_line_and_trains_eagerly() -> None:

@@ -63,10 +63,14 @@ class Evaluator:
             horizon = torch.clamp(self.task, min=max(trained, 0))
             if scores.dim() == 1:  # predicted labels: the method's own decision rule, taken as it is
                 cil = scores == self.labels
-                til = everything[f"{name}:til"] == self.labels if f"{name}:til" in everything else None
             else:
                 cil = restrict_logits(scores, 0, self.seen[horizon]).argmax(1) == self.labels
+            if f"{name}:til" in everything:  # the method's own task-aware predictions
+                til = everything[f"{name}:til"] == self.labels
+            elif scores.dim() == 2:
                 til = restrict_logits(scores, self.lo[self.task], self.hi[self.task]).argmax(1) == self.labels
+            else:
+                til = None
             rows[f"{prefix}cil"] = self._task_accuracy(cil)
             rows[f"{prefix}til"] = self._task_accuracy(til) if til is not None else np.full(len(self.sizes), np.nan)
         return rows

@@ -8,7 +8,7 @@ import hashlib
 import json
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from harness.methods import method_class
 from harness.metrics import seen_accuracy
 from harness.paths import run_work_dir
 from harness.tracking import Run, Tracker
-from harness.tracking.plots import accuracy_curves, matrix_heatmap
+from harness.tracking.plots import accuracy_curves, comparison_figure, matrix_heatmap
 
 TABLE_COLUMNS = ["task0_acc", "cil_acc", "cil_avg_incremental", "til_acc", "til_avg_incremental", "cil_bwt",
                  "til_bwt", "cil_forgetting", "wall_seconds"]
@@ -92,6 +92,7 @@ class ArmOutcome:
     summary: dict[str, float]
     cil_curve: list[float]
     seed: int = 0
+    first_task: list[float] = field(default_factory=list)  # TIL accuracy on task 0 after each task
 
 
 def _log_artifacts(run: Run, arm: ArmRecipe, result: ArmResult, folder: Path) -> None:
@@ -167,7 +168,8 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
     run.log_artifact(log_path)
     run.end("FINISHED")
     curve = seen_accuracy(result.matrices["cil"], result.sizes).tolist()
-    return ArmOutcome(arm.name, arm.method.name, run.run_id, result.summary, curve, arm.engine.seed)
+    return ArmOutcome(arm.name, arm.method.name, run.run_id, result.summary, curve, arm.engine.seed,
+                      result.matrices["til"][:, 0].tolist())
 
 
 def record_source(run: Run, tracker: Tracker, arm: str, files: dict[str, Path]) -> None:
@@ -251,4 +253,23 @@ def log_parent_summary(parent: Run, outcomes: list[ArmOutcome]) -> pd.DataFrame:
         parent.log_artifact(csv)
         if curves:
             parent.log_artifact(accuracy_curves(curves, "CIL accuracy on seen tasks", Path(tmp) / "arms_cil.png"))
+        if any(len(o.first_task) > 1 for o in outcomes):
+            parent.log_artifact(paper_figure(outcomes, Path(tmp) / "comparison.png"))
     return format_table(stats)
+
+
+def paper_figure(outcomes: list[ArmOutcome], path: Path) -> Path:
+    """ACC / BWT / FWT (task-incremental, as the GEM paper reports them) per arm with their spread over
+    seeds, and the first task's accuracy as tasks are learned."""
+    stats, first = {}, {}
+    for arm in dict.fromkeys(o.arm for o in outcomes):
+        mine = [o for o in outcomes if o.arm == arm]
+        stats[arm] = {}
+        for label, key in (("ACC", "til_acc"), ("BWT", "til_bwt"), ("FWT", "til_fwt")):
+            values = np.array([o.summary.get(key, np.nan) for o in mine], dtype=float)
+            stats[arm][label] = (float(np.nanmean(values)) if np.isfinite(values).any() else 0.0,
+                                 float(np.nanstd(values, ddof=1)) if np.isfinite(values).sum() > 1 else 0.0)
+        first[arm] = np.array([o.first_task for o in mine if o.first_task], dtype=float)
+    seeds = len({o.seed for o in outcomes})
+    return comparison_figure(stats, {a: r for a, r in first.items() if r.size},
+                             f"task-incremental ACC / BWT / FWT, mean ± std over {seeds} seed(s)", path)

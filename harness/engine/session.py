@@ -28,7 +28,8 @@ def total_epochs(experiment: Experiment, tasks: int) -> int:
 
 def _outcome_from_run(tracker: Tracker, info: RunInfo, arm: ArmRecipe) -> ArmOutcome:
     return ArmOutcome(arm.name, arm.method.name, info.run_id, info.metrics,
-                      tracker.metric_history(info.run_id, "cil_seen_acc"), arm.engine.seed)
+                      tracker.metric_history(info.run_id, "cil_seen_acc"), arm.engine.seed,
+                      tracker.metric_history(info.run_id, "til_acc_task_0"))
 
 
 def run_key(info: RunInfo) -> tuple[str, int]:

@@ -190,7 +190,7 @@ class ArmTrainer:
         eval_t = BatchTransform(dataclasses.replace(arm.augment, crop=0, flip=False, brightness=0.0),
                                 dataset.mean, dataset.std, self.device, channels_last=layout)
         self.ctx = Context(split, dataset.train_x.to(self.device), split.train_y.to(self.device), train_t, eval_t,
-                           self.device)
+                           self.device, (arm.backbone.name, arm.backbone.kwargs))
         self.method = method_cls(self.net, arm.method.options, self.ctx)
         graphs = engine.cuda_graph if engine.cuda_graph is not None else self.device.type == "cuda"
         # Graph-ready (tensor learning rate, fused update) whenever capture may be tried; on a CPU that is

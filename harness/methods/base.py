@@ -31,8 +31,8 @@ class Batch:
 
 @dataclass
 class Context:
-    """What a method may use besides its network: the split, the device-resident training images and the
-    train/eval transforms."""
+    """What a method may use besides its network: the split, the device-resident training images, the
+    train/eval transforms, and the arm's backbone (name and kwargs) for methods that build more networks."""
 
     split: Split
     train_images: torch.Tensor
@@ -40,6 +40,7 @@ class Context:
     train_transform: BatchTransform
     eval_transform: BatchTransform
     device: torch.device
+    backbone: tuple[str, dict[str, Any]] = ("mlp", {})
 
 
 def restrict_logits(logits: torch.Tensor, lo: int | torch.Tensor, hi: int | torch.Tensor) -> torch.Tensor:
