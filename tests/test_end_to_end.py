@@ -58,7 +58,7 @@ def test_digits_experiment_is_fully_recorded_in_mlflow(tmp_path: Path, mlflow_ur
     assert cil[-1].mean() == pytest.approx(runs.loc["gem", "metrics.cil_acc"])
     history = client.get_metric_history(gem_id, "cil_acc_task_0")
     assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
-    assert len(client.get_metric_history(gem_id, "train_loss")) == 5 * 4  # 5 tasks x 4 epochs
+    assert len(client.get_metric_history(gem_id, "epoch_train_loss")) == 5 * 4  # 5 tasks x 4 epochs
     task_seconds = [m.value for m in client.get_metric_history(gem_id, "task_seconds")]
     assert len(task_seconds) == 5 and sum(task_seconds) == pytest.approx(runs.loc["gem", "metrics.wall_seconds"])
     fractions = client.get_metric_history(gem_id, "gem_projection_fraction")
@@ -76,7 +76,7 @@ def test_tracking_none_writes_the_same_record_to_a_folder(tmp_path: Path, monkey
     runs = [p.parent for p in (tmp_path / "harness_runs" / "digits-test").glob("*/meta.json")]
     arm = next(r for r in runs if json.loads((r / "tags.json").read_text()).get("arm") == "ft")
     keys = {json.loads(line)["key"] for line in (arm / "metrics.jsonl").read_text().splitlines()}
-    assert {"cil_acc", "til_bwt", "task0_acc", "train_loss", "cil_acc_task_4"} <= keys
+    assert {"cil_acc", "til_bwt", "task0_acc", "epoch_train_loss", "cil_acc_task_4"} <= keys
     assert json.loads((arm / "params.json").read_text())["method.name"] == "finetune"
     assert {p.name for p in (arm / "artifacts").iterdir()} == ARTIFACTS
     assert json.loads((arm / "meta.json").read_text())["status"] == "FINISHED"

@@ -47,6 +47,12 @@ def test_study_completes_resumes_by_name_and_records_every_trial(tmp_path: Path,
 
     runs = trial_runs(mlflow_uri)
     assert sorted(runs["tags.trial"].astype(int)) == [0, 1, 2, 3, 4]
+    # Optuna and MLflow point at each other: trial -> run id, run -> trial number, study -> best test score
+    assert {t.user_attrs["mlflow_run_id"] for t in again.study.trials} == set(runs["run_id"])
+    assert again.study.metric_names == ["val_cil_acc"]
+    assert first.study.user_attrs["best_test_value"] == pytest.approx(first.test_value)
+    assert {"val_cil_acc", "val_task0_acc"} <= {c.removeprefix("metrics.") for c in runs.columns}
+    assert "metrics.cil_acc" not in runs.columns or runs["metrics.cil_acc"].isna().all()  # no test names on trials
     assert (runs["tags.mlflow.parentRunId"] == first.parent_run_id).all()
     states = {t.number: t.state.name for t in again.study.trials}
     for _, run in runs.iterrows():
@@ -55,7 +61,7 @@ def test_study_completes_resumes_by_name_and_records_every_trial(tmp_path: Path,
     finished = runs[runs["tags.state"] == "COMPLETE"]
     assert finished["metrics.objective"].notna().all()
     client = mlflow.tracking.MlflowClient(mlflow_uri)
-    history = client.get_metric_history(finished.iloc[0]["run_id"], "val_intermediate")
+    history = client.get_metric_history(finished.iloc[0]["run_id"], "epoch_val_acc")
     assert len(history) == 3 * 2  # reported after every epoch: 3 tasks x 2 epochs
     artifacts = {a.path for a in client.list_artifacts(first.parent_run_id)}
     assert "top_trials.csv" in artifacts and "optuna" in artifacts

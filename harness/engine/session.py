@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from harness.data.split import Split
 from harness.engine.progress import Progress
 from harness.engine.runner import ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
 from harness.errors import Interrupted, UserError
+from harness.paths import run_work_dir
 from harness.tracking import Run, RunInfo, Tracker, make_tracker
 
 RESOLVED = "experiment_resolved.yaml"
@@ -64,8 +66,22 @@ def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
         progress.close()
     table = log_parent_summary(parent, outcomes)
     parent.end("FINISHED")
+    for outcome in outcomes:  # the experiment is complete: its runs' checkpoints leave the cache
+        shutil.rmtree(run_work_dir(outcome.run_id), ignore_errors=True)
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     return outcomes
+
+
+def describe(experiment: Experiment) -> str:
+    """The file's ``description:``, else its opening comment block."""
+    if experiment.raw.get("description"):
+        return str(experiment.raw["description"])
+    lines = []
+    for line in Path(experiment.source).read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("# ").rstrip())
+    return "\n".join(lines)
 
 
 def only_arms(experiment: Experiment, names: str | None) -> Experiment:
@@ -87,6 +103,7 @@ def start(args: argparse.Namespace) -> int:
         print(plan(experiment, split))
         return 0
     tracker = make_tracker(uri, experiment.tracking.experiment or experiment.name, experiment.tracking.local_dir)
+    tracker.describe(describe(experiment))
     split = build_split(experiment)
     parent = tracker.start(experiment.name, {
         "kind": "experiment", "experiment_file": str(Path(args.experiment).resolve()),

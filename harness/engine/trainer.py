@@ -351,8 +351,9 @@ class ArmTrainer:
         total_loss, total_correct, total_seen = s.loss_sum + float(loss_sum), s.correct + int(correct), s.seen + seen
         lr = float(self.optimizer.param_groups[0]["lr"])
         self.scheduler.step()
-        self._log({"train_loss": total_loss / max(total_seen, 1), "train_acc": total_correct / max(total_seen, 1),
-                   "lr": lr}, s.global_epoch)
+        # Epoch-level metrics carry "epoch_" in their name: their step counts epochs, a per-task metric's tasks.
+        self._log({"epoch_train_loss": total_loss / max(total_seen, 1),
+                   "epoch_train_acc": total_correct / max(total_seen, 1), "epoch_lr": lr}, s.global_epoch)
         self.progress.epoch(self.arm.name, task, self.last_task + 1, s.epoch, self.epochs_of(task),
                             total_loss / max(total_seen, 1), total_correct / max(total_seen, 1), lr)
         s.perm, s.step, s.loss_sum, s.correct, s.seen = None, 0, 0.0, 0, 0

@@ -22,6 +22,7 @@ from harness.errors import UserError
 from harness.paths import run_work_dir
 
 PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
+KIND_TAG = "mlflow.experimentKind"  # what mlflow ui reads to choose its model-training layout
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -75,6 +76,9 @@ class Tracker:
 
     def use_experiment(self, name: str) -> None:
         raise NotImplementedError
+
+    def describe(self, description: str) -> None:
+        """Say what the current experiment is (shown where its runs are browsed)."""
 
     def start(self, name: str, tags: dict[str, str], parent: Run | None = None) -> Run:
         raise NotImplementedError
@@ -150,10 +154,20 @@ class MlflowTracker(Tracker):
             if found:
                 self.experiment_id = found.experiment_id
             else:
-                self.experiment_id = self.client.create_experiment(name, artifact_location=artifact_root(self.uri))
+                self.experiment_id = self.client.create_experiment(name, artifact_location=artifact_root(self.uri),
+                                                                   tags={KIND_TAG: "custom_model_development"})
                 keep_relocatable(self.uri, self.experiment_id)
         except (mlflow.exceptions.MlflowException, OSError) as exc:
             raise UserError(f"MLflow store {self.uri}: {str(exc).splitlines()[0]}") from None
+
+    def describe(self, description: str) -> None:
+        """The experiment's note (``mlflow.note.content``), and its kind for the UI: a model-training
+        experiment, so ``mlflow ui`` opens on its runs table rather than the GenAI traces view."""
+        tags = self.client.get_experiment(self.experiment_id).tags
+        if tags.get(KIND_TAG) != "custom_model_development":
+            self.client.set_experiment_tag(self.experiment_id, KIND_TAG, "custom_model_development")
+        if description and tags.get("mlflow.note.content") != description:
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
 
     def start(self, name: str, tags: dict[str, str], parent: Run | None = None) -> Run:
         if parent is not None:

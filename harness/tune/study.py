@@ -62,8 +62,12 @@ def open_study(name: str, storage: str, options: SearchOptions, attempts: int = 
     import sqlalchemy.exc
 
     def create() -> optuna.Study:
-        return optuna.create_study(study_name=name, storage=storage, direction=options.direction,
-                                   sampler=make_sampler(options), pruner=make_pruner(options), load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=storage, direction=options.direction,
+                                    sampler=make_sampler(options), pruner=make_pruner(options), load_if_exists=True)
+        with warnings.catch_warnings():  # experimental in Optuna, and the only way to name the objective
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([f"val_{options.objective}"])  # what optuna-dashboard labels the objective
+        return study
 
     try:
         for attempt in range(attempts - 1):
@@ -119,7 +123,7 @@ class Tuner:
             sizes = trainer.evaluator.sizes[: task + 1]
             value = float((row[: task + 1] * sizes).sum() / sizes.sum())  # accuracy on the tasks seen so far
             step = trainer.state.global_epoch
-            run.log_metrics({"val_intermediate": value}, step)
+            run.log_metrics({"epoch_val_acc": value}, step)
             trial.report(value, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {step} (validation accuracy {value:.4f})")
@@ -134,7 +138,8 @@ class Tuner:
 
 def _trial_table(study: optuna.Study, top: int = 10) -> pd.DataFrame:
     frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration"))
-    done = frame[frame["state"] == "COMPLETE"].sort_values("value", ascending=study.direction.name == "MINIMIZE")
+    value = next(c for c in frame.columns if c.startswith("value"))  # value_<metric name> once names are set
+    done = frame[frame["state"] == "COMPLETE"].sort_values(value, ascending=study.direction.name == "MINIMIZE")
     return done.head(top).reset_index(drop=True)
 
 
@@ -199,6 +204,7 @@ def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str
         values = {d.name: d.suggest(trial) for d in tuner.dims}
         run = tracker.start(f"trial {trial.number}", {"kind": "trial", "study": name, "trial": trial.number,
                                                       "arm": options.arm}, parent=parent)
+        trial.set_user_attr("mlflow_run_id", run.run_id)  # from the dashboard to the trial's MLflow run
         run.log_params({"trial": values})
         try:
             value = tuner.train(values, run, "val", trial)
@@ -233,6 +239,8 @@ def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str
         test_value = tuner.train(values, rerun, "test", None)
         rerun.log_metrics({"objective_test": test_value})
         rerun.end("FINISHED")
+        study.set_user_attr("best_test_value", test_value)  # the number to report, beside the study
+        study.set_user_attr("best_test_run_id", rerun.run_id)
     top = _trial_table(study)
     seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory() as tmp:
