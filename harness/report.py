@@ -169,6 +169,8 @@ def _label(parent: RunInfo, row: Row) -> str:
     device = row.device
     size = {"": "full size", "task0": "task 0 only, full recipe (variant task0)"}.get(variant, f"reduced (variant {variant})")
     label = f"{'CPU' if device == 'cpu' else device}; {row.precision}; {size}"
+    if parent.status != "FINISHED":
+        label += f"; experiment {parent.status.lower()} (--resume {parent.run_id[:8]}…)"
     overrides = [o for o in yaml.safe_load(parent.tags.get("overrides") or "[]") if not o.startswith("seeds=")]
     return f"{label}; overrides {', '.join(overrides)}" if overrides else label
 
@@ -467,8 +469,6 @@ def main(argv: list[str] | None = None) -> int:
             check_record(store)
         output = Path(args.out)
         existing = output.read_text() if output.is_file() else ""
-        if not existing and Path("docs/REPRODUCTION.md").is_file():
-            existing = Path("docs/REPRODUCTION.md").read_text()  # --out elsewhere still keeps the record's rows
         try:
             report = build_report(tracker, existing)
         except Exception as exc:  # MLflow's own errors on a damaged store

@@ -107,11 +107,11 @@ def test_reproduction_report_reads_runs_back_from_mlflow(tmp_path: Path, mlflow_
     raw["name"] = "gem_vs_pycil"  # recorded under the name the report looks for
     assert main([str(write_yaml(tmp_path / "exp.yaml", raw)), "--tracking-uri", mlflow_uri, "--quiet"]) == 0
     output = tmp_path / "docs" / "REPRODUCTION.md"
-    assert report(["--tracking-uri", mlflow_uri, "--output", str(output)]) == 0
+    assert report(["--tracking-uri", mlflow_uri, "--out", str(output)]) == 0
     text = output.read_text()
     gem_row = next(line for line in text.splitlines() if line.startswith("| gem_vs_pycil | gem |"))
     task0 = arm_runs(mlflow_uri, "gem_vs_pycil").loc["gem", "metrics.task0_acc"]
-    assert f"task-0 {task0:.3f}" in gem_row and "CPU; full size" in gem_row
+    assert f"task-0 {task0:.3f}" in gem_row and "CPU; " in gem_row and "; full size" in gem_row
     assert "| gem_vs_pycil | pycil_gem |" in text and "| seed_recipe | seed_recipe |" in text
     assert "| tune_task0 | not run |" in text
     plots = list((output.parent / "reproduction").glob("gem_vs_pycil-*.png"))
@@ -120,6 +120,6 @@ def test_reproduction_report_reads_runs_back_from_mlflow(tmp_path: Path, mlflow_
     # An arm that finished stays in the record when its experiment is later interrupted.
     parent = arm_runs(mlflow_uri, "gem_vs_pycil").loc["gem", "tags.mlflow.parentRunId"]
     MlflowClient(mlflow_uri).set_terminated(parent, "KILLED")
-    assert report(["--tracking-uri", mlflow_uri, "--output", str(output)]) == 0
+    assert report(["--tracking-uri", mlflow_uri, "--out", str(output)]) == 0
     gem_row = next(line for line in output.read_text().splitlines() if line.startswith("| gem_vs_pycil | gem |"))
     assert f"task-0 {task0:.3f}" in gem_row and "experiment killed" in gem_row
