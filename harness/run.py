@@ -27,6 +27,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--variant", help="apply the named entry of the file's variants: block (e.g. quick)")
     parser.add_argument("--seeds", help="engine seeds, comma-separated (0,1,2): every arm runs once per seed")
     parser.add_argument("--arms", help="run only these arms of the file, comma-separated")
+    parser.add_argument("--smoke", action="store_true", help="every arm end to end on a small subset in about a "
+                        "minute (10 training images per class, 1 epoch; the domain protocols 3 tasks), recorded "
+                        "under <cache>/smoke-mlruns unless --tracking-uri is given")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved experiment and plan")
     parser.add_argument("--resume", metavar="PARENT_RUN_ID", help="continue an interrupted experiment")
     parser.add_argument("--force", action="store_true", help="resume even if the experiment file changed")
@@ -34,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_intermixed_args(argv)
     if args.resume is None and args.experiment is None:
         parser.error("an experiment file (or --resume PARENT_RUN_ID) is required")
-    if args.resume is not None and (args.experiment or args.overrides or args.seeds or args.arms):
+    if args.resume is not None and (args.experiment or args.overrides or args.seeds or args.arms or args.smoke):
         parser.error("--resume takes the experiment file, overrides, seeds and arms recorded in the parent run")
     return args
 

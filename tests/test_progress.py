@@ -8,6 +8,7 @@ import pty
 import select
 import subprocess
 import sys
+import time
 
 from harness.engine.progress import Progress
 from tests.conftest import ROOT
@@ -16,10 +17,12 @@ SCRIPT = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from harness.engine.progress import Progress
-p = Progress(3)
+p = Progress(30)
 for i in range(3):
     p.epoch("gem", 0, 1, i, 3, 0.5, 0.9, 0.1)
-    time.sleep(0.15)
+    for _ in range(10):
+        p.step(128)
+        time.sleep(0.01)
 p.close()
 """
 
@@ -39,14 +42,21 @@ def test_bar_with_eta_on_a_terminal() -> None:
         out += chunk
     assert proc.wait(timeout=30) == 0
     text = out.decode(errors="replace")
-    assert "gem task 1/1 epoch 3/3" in text and "3/3 [" in text and "epoch/s" in text, text
+    assert "gem task 1/1 epoch 3/3" in text and "30/30 [" in text and "img/s" in text, text
 
 
-def test_plain_lines_with_eta_when_not_a_terminal() -> None:
+def test_plain_lines_every_interval_not_every_step_when_not_a_terminal() -> None:
     stream = io.StringIO()
-    progress = Progress(4, stream=stream)
+    progress = Progress(400, stream=stream, interval=0.05)
     progress.epoch("gem", 1, 5, 0, 2, 0.25, 0.75, 0.01)
+    for _ in range(200):  # 200 steps in well under a second: a handful of lines, not 200
+        progress.step(64)
+    time.sleep(0.06)
+    progress.step(64)
     progress.note("a note")
+    progress.close()
     lines = stream.getvalue().splitlines()
-    assert lines[0].startswith("[1/4 ") and "eta" in lines[0] and "gem task 2/5 epoch 1/2 loss 0.2500" in lines[0]
-    assert lines[1] == "a note"
+    assert 2 <= len(lines) <= 6, lines
+    assert lines[-3].startswith("[") and "/400 steps" in lines[-3] and "eta" in lines[-3] and "img/s" in lines[-3]
+    assert "gem task 2/5 epoch 1/2 loss 0.2500" in lines[-3]
+    assert lines[-2] == "a note" and lines[-1].startswith("[201/400 steps")

@@ -29,6 +29,7 @@ from harness.models import BACKBONES, INITS, LIBCONTINUAL_BACKBONE_KEYS, NETWORK
 
 TOP_KEYS = ("name", "description", "split", "seeds", "arms", "tracking", "engine", "search", "variants")
 SPLIT_KEYS = ("dataset", "data_root", "class_order", "init_cls_num", "inc_cls_num", "task_num", "seed", "val_fraction",
+              "max_per_class",
               "protocol", "samples_per_task")
 PROTOCOLS = ("class_incremental", "permutations", "rotations")
 ARM_KEYS = ("name", "config", "method", "backbone", "epoch", "init_epoch", "batch_size", "optimizer",
@@ -76,6 +77,7 @@ class SplitSpec:
     val_fraction: float
     protocol: str = "class_incremental"
     samples_per_task: int | None = None
+    max_per_class: int | None = None
 
     @property
     def offsets(self) -> list[int]:
@@ -245,7 +247,10 @@ def _parse_split(raw: Any, source: str) -> SplitSpec:
     _typed(val_fraction, (int, float), "split.val_fraction", source)
     if not 0 <= val_fraction < 1:
         raise ConfigError(f"must be in [0, 1), not {val_fraction}", key="split.val_fraction", source=source)
-    return SplitSpec(dataset, data_root, order, init, inc, tasks, seed, float(val_fraction), protocol, samples)
+    cap = raw.get("max_per_class")
+    if cap is not None:
+        cap = _positive_int(raw, "max_per_class", "split", source)
+    return SplitSpec(dataset, data_root, order, init, inc, tasks, seed, float(val_fraction), protocol, samples, cap)
 
 
 def _block(raw: Any, key: str, source: str, known: dict[str, Any], kind: str) -> tuple[str, dict[str, Any]]:

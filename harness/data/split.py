@@ -125,13 +125,24 @@ def _digest(dataset: ImageDataset, order: list[int], offsets: list[int], tasks: 
     return h.hexdigest()[:16]
 
 
+def _cap(indices: torch.Tensor, labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """At most ``count`` examples of each class, drawn with ``seed``, in their original order."""
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c in labels[indices].unique().tolist():
+        members = indices[labels[indices] == c].numpy()
+        keep.append(rng.choice(members, size=min(count, len(members)), replace=False))
+    return torch.sort(torch.from_numpy(np.concatenate(keep))).values if keep else indices
+
+
 def make_split(dataset: ImageDataset, order: list[int], offsets: list[int], *, val_fraction: float = 0.0,
                seed: int = 0, protocol: str = CLASS_INCREMENTAL,
-               blocks: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Split:
+               blocks: list[tuple[torch.Tensor, torch.Tensor]] | None = None, max_per_class: int | None = None) -> Split:
     """Build every task's train/val/test indices; training indices keep the dataset's original order.
 
     Class-incremental tasks take the examples of their label range; domain-incremental tasks take the
-    given ``blocks`` (per task: train indices, test indices)."""
+    given ``blocks`` (per task: train indices, test indices). ``max_per_class`` keeps at most that many
+    training and a fifth as many test examples of each class in each task (smoke runs)."""
     size = max(int(dataset.train_y.max()), int(dataset.test_y.max()), max(order)) + 1
     train_y, test_y = _remap(dataset.train_y, order, size), _remap(dataset.test_y, order, size)
     tasks = []
@@ -142,6 +153,9 @@ def make_split(dataset: ImageDataset, order: list[int], offsets: list[int], *, v
             lo, hi = offsets[t], offsets[t + 1]
             train = torch.nonzero((train_y >= lo) & (train_y < hi)).flatten()
             test = torch.nonzero((test_y >= lo) & (test_y < hi)).flatten()
+        if max_per_class is not None:
+            train = _cap(train, train_y, max_per_class, seed + t)
+            test = _cap(test, test_y, max(1, max_per_class // 5), seed + t)
         train, val = _holdout(train, train_y, val_fraction, seed + t)
         tasks.append(TaskData(train, val, test))
     digest = _digest(dataset, order, offsets, tasks, train_y, test_y)

@@ -55,7 +55,7 @@ def build_split(experiment: Experiment) -> Split:
     if spec.protocol != "class_incremental":
         dataset, blocks = expand_tasks(dataset, spec.protocol, spec.task_num, spec.samples_per_task, spec.seed)
     return make_split(dataset, used, spec.offsets, val_fraction=spec.val_fraction, seed=spec.seed,
-                      protocol=spec.protocol, blocks=blocks)
+                      protocol=spec.protocol, blocks=blocks, max_per_class=spec.max_per_class)
 
 
 def split_params(experiment: Experiment, split: Split) -> dict[str, Any]:
@@ -76,8 +76,15 @@ def plan(experiment: Experiment, split: Split) -> str:
         steps = [-(-_train_count(arm, split, t) // arm.batch_size) for t in range(split.num_tasks)]
         epochs = [arm.init_epoch] + [arm.epoch] * (split.num_tasks - 1)
         lines.append(f"arm {arm.name} ({arm.method.name}, {arm.backbone.name}): steps/epoch per task {steps}, "
-                     f"epochs per task {epochs}, {sum(s * e for s, e in zip(steps, epochs, strict=True))} steps")
+                     f"epochs per task {epochs}, {arm_steps(arm, split)} steps")
     return "\n".join(lines)
+
+
+def arm_steps(arm: ArmRecipe, split: Split, last_task: int | None = None) -> int:
+    """Optimisation steps one run of the arm takes (up to ``last_task``), for progress and the plan."""
+    tasks = range(split.num_tasks if last_task is None else last_task + 1)
+    return sum(-(-_train_count(arm, split, t) // arm.batch_size) * (arm.init_epoch if t == 0 else arm.epoch)
+               for t in tasks)
 
 
 def _train_count(arm: ArmRecipe, split: Split, task: int) -> int:

@@ -16,16 +16,16 @@ import yaml
 from harness.config.experiment import ArmRecipe, Experiment, load_experiment
 from harness.data.split import Split
 from harness.engine.progress import Progress
-from harness.engine.runner import ArmOutcome, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
+from harness.engine.runner import ArmOutcome, arm_steps, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
 from harness.errors import Interrupted, UserError
-from harness.paths import run_work_dir
+from harness.paths import cache_dir, run_work_dir
 from harness.tracking import Run, RunInfo, Tracker, make_tracker
 
 RESOLVED = "experiment_resolved.yaml"
 
 
-def total_epochs(experiment: Experiment, tasks: int) -> int:
-    return sum(arm.init_epoch + arm.epoch * (tasks - 1) for arm in experiment.seeded_arms())
+def total_steps(experiment: Experiment, split: Split) -> int:
+    return sum(arm_steps(arm, split) for arm in experiment.seeded_arms())
 
 
 def _outcome_from_run(tracker: Tracker, info: RunInfo, arm: ArmRecipe) -> ArmOutcome:
@@ -93,8 +93,21 @@ def only_arms(experiment: Experiment, names: str | None) -> Experiment:
     return dataclasses.replace(experiment, arms=[a for a in experiment.arms if a in arms])
 
 
+SMOKE = ["split.max_per_class=10", "arms.*.epoch=1", "arms.*.init_epoch=1"]
+SMOKE_DOMAIN = ["split.task_num=3", "split.samples_per_task=100"]
+
+
+def smoke_overrides(experiment: Experiment) -> list[str]:
+    """A run of every arm, metric and artifact on a small subset: a broken experiment shows in a minute."""
+    return SMOKE + (SMOKE_DOMAIN if experiment.split.protocol != "class_incremental" else [])
+
+
 def start(args: argparse.Namespace) -> int:
     experiment = only_arms(load_experiment(args.experiment, args.overrides, args.variant), args.arms)
+    if args.smoke:
+        args.overrides = [*args.overrides, *smoke_overrides(experiment)]
+        experiment = only_arms(load_experiment(args.experiment, args.overrides, args.variant), args.arms)
+        args.tracking_uri = args.tracking_uri or str(cache_dir() / "smoke-mlruns")
     uri = args.tracking_uri or experiment.tracking.uri
     if args.dry_run:
         split = build_split(experiment)
@@ -117,7 +130,7 @@ def start(args: argparse.Namespace) -> int:
         resolved = Path(tmp) / RESOLVED
         resolved.write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
         parent.log_artifact(resolved)
-    progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
+    progress = Progress(total_steps(experiment, split), enabled=not args.quiet)
     execute(experiment, split, tracker, parent, progress)
     return 0
 
@@ -166,6 +179,6 @@ def resume(args: argparse.Namespace) -> int:
     previous = {}
     for child in sorted(tracker.children(args.resume), key=lambda c: c.status == "FINISHED"):
         previous[run_key(child)] = child  # a FINISHED run of an arm and seed wins over an interrupted one
-    progress = Progress(total_epochs(experiment, split.num_tasks), enabled=not args.quiet)
+    progress = Progress(total_steps(experiment, split), enabled=not args.quiet)
     execute(experiment, split, tracker, parent, progress, previous, restart=args.force)
     return 0

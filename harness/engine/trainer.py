@@ -334,6 +334,7 @@ class ArmTrainer:
             index = s.perm[step * bs : (step + 1) * bs]
             self.method.count_step(len(index))
             result = self.step(index)
+            self.progress.step(len(index))
             loss = result.loss.double()
             # Accumulated on the device and read once per epoch: no host synchronisation per step.
             first_bad = torch.where(torch.isfinite(loss) | (first_bad < steps), first_bad, step)

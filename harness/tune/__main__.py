@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, or 'none' for a local folder")
     parser.add_argument("--variant", help="apply the named entry of the file's variants: block")
     parser.add_argument("--no-rerun", action="store_true", help="skip re-running the best recipe on the test split")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or per-trial lines")
     args = parser.parse_intermixed_args(argv)
     try:
         experiment = load_experiment(args.experiment, args.overrides, args.variant)
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
                                experiment.tracking.experiment or experiment.name, experiment.tracking.local_dir)
         outcome = run_study(args.experiment, args.overrides, tracker, storage=args.storage, study_name=args.study,
                             n_trials=args.n_trials, timeout=args.timeout, variant=args.variant,
-                            rerun_best=not args.no_rerun)
+                            rerun_best=not args.no_rerun, progress=not args.quiet)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 import time
 import warnings
@@ -21,7 +22,8 @@ import optuna
 import pandas as pd
 
 from harness.config.experiment import Experiment, load_experiment
-from harness.engine.runner import build_split, git_commit, split_params
+from harness.engine.progress import Progress
+from harness.engine.runner import arm_steps, build_split, git_commit, split_params
 from harness.engine.trainer import ArmTrainer, resolve_device
 from harness.errors import UserError
 from harness.tracking import Run, Tracker
@@ -83,8 +85,10 @@ def open_study(name: str, storage: str, options: SearchOptions, attempts: int = 
 class Tuner:
     """Builds each trial's experiment from the file, its overrides and the sampled values."""
 
-    def __init__(self, path: str, overrides: list[str], variant: str | None, tracker: Tracker) -> None:
+    def __init__(self, path: str, overrides: list[str], variant: str | None, tracker: Tracker,
+                 show_progress: bool = False) -> None:
         self.path, self.overrides, self.variant, self.tracker = path, overrides, variant, tracker
+        self.show_progress = show_progress
         base = load_experiment(path, overrides, variant)
         self.options, self.dims = parse_search(base.search, [a.name for a in base.arms], path)
         self.base = base
@@ -128,10 +132,14 @@ class Tuner:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {step} (validation accuracy {value:.4f})")
 
-        trainer = ArmTrainer(arm, split, run, None, evaluate_on=evaluate_on,
-                             last_task=0 if self.task0 else None, on_epoch=report)
+        last_task = 0 if self.task0 else None
+        progress = Progress(arm_steps(arm, split, last_task), enabled=self.show_progress)
+        trainer = ArmTrainer(arm, split, run, progress, evaluate_on=evaluate_on, last_task=last_task, on_epoch=report)
         run.set_tags(trainer.precision.tags)
-        summary = trainer.fit().summary
+        try:
+            summary = trainer.fit().summary
+        finally:
+            progress.close()
         run.log_metrics({k if k == "wall_seconds" else f"{trainer.eval_prefix}{k}": v for k, v in summary.items()})
         return self.objective_value(summary)
 
@@ -187,12 +195,23 @@ def _parent_run(tracker: Tracker, study: optuna.Study, tuner: Tuner, storage: st
     return parent
 
 
+def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """One line per finished trial: its value and state, and the best so far."""
+    value = "-" if trial.value is None else f"{trial.value:.4f}"
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    best = f"best {study.best_value:.4f} (trial {study.best_trial.number})" if done else "no trial complete yet"
+    print(f"trial {trial.number}: {trial.state.name} {study.metric_names[0] if study.metric_names else 'value'} "
+          f"{value}; {best}", file=sys.stderr, flush=True)
+
+
 def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str, study_name: str | None = None,
               n_trials: int | None = None, timeout: float | None = None, variant: str | None = None,
-              enqueue: list[dict[str, Any]] | None = None, rerun_best: bool = True) -> StudyOutcome:
-    """Run (or continue) the study; several processes with the same storage and name share it."""
+              enqueue: list[dict[str, Any]] | None = None, rerun_best: bool = True,
+              progress: bool = False) -> StudyOutcome:
+    """Run (or continue) the study; several processes with the same storage and name share it. ``progress``:
+    a step bar for the running trial and one line per finished trial on stderr."""
     started = time.monotonic()
-    tuner = Tuner(path, overrides, variant, tracker)
+    tuner = Tuner(path, overrides, variant, tracker, show_progress=progress)
     options = tuner.options
     name = study_name or options.study or tuner.base.name
     study = open_study(name, storage, options)
@@ -224,7 +243,7 @@ def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str
         return value
 
     study.optimize(objective, n_trials=n_trials or options.n_trials, timeout=timeout or options.timeout,
-                   catch=(Exception,), gc_after_trial=True)
+                   catch=(Exception,), gc_after_trial=True, callbacks=[trial_line] if progress else None)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
         parent.end("FAILED")
