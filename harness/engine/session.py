@@ -98,8 +98,10 @@ SMOKE_DOMAIN = ["split.task_num=3", "split.samples_per_task=100"]
 
 
 def smoke_overrides(experiment: Experiment) -> list[str]:
-    """A run of every arm, metric and artifact on a small subset: a broken experiment shows in a minute."""
-    return SMOKE + (SMOKE_DOMAIN if experiment.split.protocol != "class_incremental" else [])
+    """A run of every arm, metric and artifact on a small subset, with one seed: a broken experiment shows
+    in a minute."""
+    seeds = [f"seeds=[{experiment.seeds[0]}]"] if experiment.seeds else []
+    return SMOKE + seeds + (SMOKE_DOMAIN if experiment.split.protocol != "class_incremental" else [])
 
 
 def start(args: argparse.Namespace) -> int:
