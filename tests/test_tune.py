@@ -113,3 +113,15 @@ def test_bad_search_block_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main([str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--tracking-uri", "none"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "search.space.lr" in err and "below high" in err
+
+
+def test_a_journal_study_beside_the_record_resumes_by_name_with_hyperband(tmp_path: Path, mlflow_uri: str) -> None:
+    path = tune_file(tmp_path, pruner={"name": "hyperband", "min_resource": 1, "reduction_factor": 3})
+    storage = f"journal:{tmp_path / 'mlruns' / 'optuna.journal'}"
+    tracker = make_tracker(mlflow_uri, "tune-test")
+    first = run_study(str(path), [], tracker, storage=storage, study_name="j", n_trials=2, rerun_best=False)
+    assert isinstance(first.study.pruner, optuna.pruners.HyperbandPruner)
+    again = run_study(str(path), [], tracker, storage=storage, study_name="j", n_trials=1, rerun_best=False)
+    assert [t.number for t in again.study.trials] == [0, 1, 2]
+    lines = (tmp_path / "mlruns" / "optuna.journal").read_text().splitlines()
+    assert len(lines) > 10  # an append-only log of the study's operations

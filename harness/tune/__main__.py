@@ -22,7 +22,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--n-trials", type=int, help="trials to run in this process (default: search.n_trials)")
     parser.add_argument("--timeout", type=float, help="seconds after which no new trial starts")
-    parser.add_argument("--storage", default="sqlite:///optuna.db", help="Optuna RDB URL (default sqlite:///optuna.db)")
+    parser.add_argument("--storage", default="journal:mlruns/optuna.journal",
+                        help="Optuna storage: journal:PATH (a file; the default keeps studies beside the MLflow "
+                             "record in mlruns/) or an RDB URL (sqlite:///..., postgresql://...)")
     parser.add_argument("--study", help="study name (resumes it if it exists; default: search.study or the file name)")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI, or 'none' for a local folder")
     parser.add_argument("--variant", help="apply the named entry of the file's variants: block")

@@ -19,6 +19,7 @@ ALIASES = {
 }
 DISTRIBUTIONS = ("uniform", "log_uniform", "int", "choice")
 TASK0_OBJECTIVES = ("task0_acc",)
+PRUNERS = ("median", "hyperband", "none")
 
 
 @dataclass
@@ -73,9 +74,10 @@ def parse_search(raw: Any, arms: list[str], source: str) -> tuple[SearchOptions,
     reject_unknown(options.sampler, ("name", "seed"), key="search.sampler", source=source)
     if options.sampler.get("name", "TPE") not in ("TPE", "Random"):
         raise ConfigError("name must be TPE or Random", key="search.sampler.name", source=source)
-    reject_unknown(options.pruner, ("name", "n_startup_trials", "n_warmup_steps"), key="search.pruner", source=source)
-    if options.pruner.get("name", "median") not in ("median", "none"):
-        raise ConfigError("name must be median or none", key="search.pruner.name", source=source)
+    reject_unknown(options.pruner, ("name", "n_startup_trials", "n_warmup_steps", "min_resource", "reduction_factor"),
+                   key="search.pruner", source=source)
+    if options.pruner.get("name", "median") not in PRUNERS:
+        raise ConfigError(f"name must be one of {', '.join(PRUNERS)}", key="search.pruner.name", source=source)
     dims = []
     for name, spec in options.space.items():
         key = f"search.space.{name}"

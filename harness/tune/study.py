@@ -51,10 +51,30 @@ def make_sampler(options: SearchOptions) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(options: SearchOptions) -> optuna.pruners.BasePruner:
-    if options.pruner.get("name", "median") == "none":
+    """``median``: stop a trial whose validation accuracy falls below the median of earlier trials at the
+    same epoch; ``hyperband``: successive halving over brackets of epoch budgets (from ``min_resource``
+    epochs up to the trial's last), so most of a CPU budget goes to the trials still in the running."""
+    name = options.pruner.get("name", "median")
+    if name == "none":
         return optuna.pruners.NopPruner()
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=options.pruner.get("min_resource", 5),
+                                              reduction_factor=options.pruner.get("reduction_factor", 3))
     return optuna.pruners.MedianPruner(n_startup_trials=options.pruner.get("n_startup_trials", 3),
                                        n_warmup_steps=options.pruner.get("n_warmup_steps", 2))
+
+
+def storage_of(url: str) -> str | optuna.storages.BaseStorage:
+    """An RDB URL as it is, or ``journal:PATH``: Optuna's append-only journal file, which git can keep
+    beside the MLflow record (a study only ever adds lines to it)."""
+    if not url.startswith("journal:"):
+        return url
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(url.removeprefix("journal:"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def open_study(name: str, storage: str, options: SearchOptions, attempts: int = 6) -> optuna.Study:
@@ -64,7 +84,7 @@ def open_study(name: str, storage: str, options: SearchOptions, attempts: int = 
     import sqlalchemy.exc
 
     def create() -> optuna.Study:
-        study = optuna.create_study(study_name=name, storage=storage, direction=options.direction,
+        study = optuna.create_study(study_name=name, storage=storage_of(storage), direction=options.direction,
                                     sampler=make_sampler(options), pruner=make_pruner(options), load_if_exists=True)
         with warnings.catch_warnings():  # experimental in Optuna, and the only way to name the objective
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
