@@ -32,6 +32,12 @@ from scipy import stats
 from harness.errors import UserError
 from harness.tracking import MlflowTracker, RunInfo, file_store_path, make_tracker
 
+# task0_ablation's arms: PyCIL's task-0 recipe with one factor changed towards the user's seed recipe.
+ABLATION = {"pycil_recipe": "PyCIL's task-0 recipe (200 epochs, m 0.9, wd 5e-4, [60,120,170], crop+flip+brightness)",
+            "momentum_0.95": "momentum 0.95", "wd_2e-4": "weight decay 2e-4", "steplr30_80ep": "80 epochs, StepLR(30)",
+            "warmup_3": "3 warmup epochs", "no_brightness": "no brightness jitter",
+            "seed_recipe": "every factor: the user's seed recipe", "seed_recipe_no_augment": "the seed recipe, no augmentation"}
+
 
 @dataclass(frozen=True)
 class Target:
@@ -45,8 +51,11 @@ TARGETS = [
     Target("gem_vs_pycil", "pycil_gem", "task-0 ~0.81 (PyCIL's GEM, as the user measured it)"),
     Target("gem_vs_pycil", "gem", "task-0 within 1 point of pycil_gem (same recipe)"),
     Target("gem_vs_pycil", "gem_seen", "no published number (class-incremental training)"),
+    Target("gem_vs_pycil_b0inc10", "pycil_gem", "PyCIL's default split (10 + 10 x 10); task-0 of 10 classes"),
+    Target("gem_vs_pycil_b0inc10", "gem", "task-0 within 1 point of pycil_gem (same recipe)"),
     Target("seed_recipe", "seed_recipe", "task-0 0.63-0.69 (the user's LibContinual runs)"),
     Target("seed_recipe", "pycil_gem", "task-0 ~0.81"),
+    *(Target("task0_ablation", arm, text) for arm, text in ABLATION.items()),
     Target("gem_paper_cifar100", "gem", "ACC 0.654 (paper); 0.669 / BWT 0.015 / FWT -0.008 (original code rerun)", True),
     Target("gem_paper_cifar100", "finetune", "paper's single: figure only", True),
     Target("gem_paper_cifar100", "independent", "figure only", True),
@@ -81,6 +90,9 @@ class Comparison:
 
 COMPARISONS = [
     Comparison("gem_vs_pycil", ("gem", None), ("pycil_gem", None), "task0_acc", "|Δ| ≤ 0.01"),
+    Comparison("gem_vs_pycil_b0inc10", ("gem", None), ("pycil_gem", None), "task0_acc", "|Δ| ≤ 0.01"),
+    *(Comparison("task0_ablation", (arm, None), ("pycil_recipe", None), "task0_acc", "the factor's cost")
+      for arm in ABLATION if arm != "pycil_recipe"),
     Comparison("seed_recipe", ("seed_recipe", "bf16-autocast"), ("seed_recipe", "fp32"), "task0_acc",
                "|Δ| ≤ 0.01 (bf16 agrees with fp32)"),
 ]
