@@ -7,6 +7,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -260,3 +261,15 @@ def test_resume_continues_methods_that_change_weights_when_a_task_starts(
     resumed = ArmTrainer(experiment.arm("a"), split, None, checkpoint_dir=folder).fit(load_checkpoint(folder))
     for name, matrix in reference.matrices.items():
         np.testing.assert_array_equal(resumed.matrices[name], matrix, err_msg=name)
+
+
+def test_an_unreachable_tracking_server_stops_before_training_naming_the_uri(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:  # a loopback port with nothing listening on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([digits_arm("a", {"name": "finetune"}, epoch=1)]))
+    started = time.monotonic()
+    _expect_exit_2([str(path), "--tracking-uri", f"http://127.0.0.1:{port}", "--quiet"], capsys,
+                   f"http://127.0.0.1:{port}", "unreachable")
+    assert time.monotonic() - started < 60  # a bounded retry, not MLflow's minutes of backoff

@@ -410,4 +410,29 @@ def make_tracker(uri: str | None, experiment: str | None, local_dir: str = "harn
             probe.unlink()
         except OSError as exc:
             raise UserError(f"{folder}: MLflow store is not writable ({exc.strerror})") from None
+    if uri.startswith(("http://", "https://")):
+        wait_for_server(uri)
     return MlflowTracker(uri, experiment)
+
+
+def wait_for_server(uri: str, budget: float = 20.0) -> None:
+    """A tracking server must answer its health check within ``budget`` seconds (retried with backoff),
+    before anything trains; MLflow's own client would retry each call for minutes."""
+    import urllib.error
+    import urllib.request
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    deadline, delay, problem = time.monotonic() + budget, 0.5, ""
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
+                if response.status == 200:
+                    return
+                problem = f"HTTP {response.status}"
+        except (urllib.error.URLError, OSError) as exc:
+            problem = str(getattr(exc, "reason", exc))
+        if time.monotonic() + delay > deadline:
+            raise UserError(f"MLflow tracking server {uri} is unreachable ({problem}; retried for {budget:.0f} s)")
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
