@@ -125,3 +125,29 @@ def test_a_journal_study_beside_the_record_resumes_by_name_with_hyperband(tmp_pa
     assert [t.number for t in again.study.trials] == [0, 1, 2]
     lines = (tmp_path / "mlruns" / "optuna.journal").read_text().splitlines()
     assert len(lines) > 10  # an append-only log of the study's operations
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_below_one_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], workers: str) -> None:
+    from harness.tune.__main__ import main
+
+    assert main([str(tune_file(tmp_path)), "--workers", workers, "--tracking-uri", "none"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --workers {workers}: must be at least 1"
+
+
+def test_two_workers_share_one_study_and_the_best_recipe_is_rerun_once(tmp_path: Path, mlflow_uri: str,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from harness.tune.__main__ import main
+
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    assert main([str(tune_file(tmp_path)), "--workers", "2", "--n-trials", "3", "--storage", storage, "--study", "w",
+                 "--tracking-uri", mlflow_uri, "--quiet"]) == 0
+    from harness.tune.study import storage_of
+
+    trials = optuna.load_study(study_name="w", storage=storage_of(storage)).trials
+    assert sorted(t.number for t in trials) == [0, 1, 2]  # split 2 + 1 over the workers, no number twice
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["tune-test"])
+    assert (runs["tags.kind"] == "study").sum() == 1  # one parent, created before the workers started
+    assert (runs["tags.kind"] == "best_rerun").sum() == 1

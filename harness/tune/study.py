@@ -215,6 +215,14 @@ def _parent_run(tracker: Tracker, study: optuna.Study, tuner: Tuner, storage: st
     return parent
 
 
+def prepare_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str, study_name: str | None,
+                  variant: str | None) -> None:
+    """Create the study and its MLflow parent run once, before worker processes share them."""
+    tuner = Tuner(path, overrides, variant, tracker)
+    study = open_study(study_name or tuner.options.study or tuner.base.name, storage, tuner.options)
+    _parent_run(tracker, study, tuner, storage)
+
+
 def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """One line per finished trial: its value and state, and the best so far."""
     value = "-" if trial.value is None else f"{trial.value:.4f}"
@@ -262,7 +270,8 @@ def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str
         run.end("FINISHED")
         return value
 
-    study.optimize(objective, n_trials=n_trials or options.n_trials, timeout=timeout or options.timeout,
+    study.optimize(objective, n_trials=options.n_trials if n_trials is None else n_trials,
+                   timeout=timeout or options.timeout,
                    catch=(Exception,), gc_after_trial=True, callbacks=[trial_line] if progress else None)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not complete:
