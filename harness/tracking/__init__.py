@@ -106,6 +106,13 @@ class Tracker:
         """A text artifact of the run, or None if it has none by that name."""
         raise NotImplementedError
 
+    def exists(self, run_id: str) -> bool:
+        try:
+            self.info(run_id)
+        except UserError:
+            return False
+        return True
+
     def previous_arm_run(self, arm: str, before: str) -> RunInfo | None:
         """The latest FINISHED run of the arm named ``arm`` in the current experiment, other than ``before``."""
         raise NotImplementedError
@@ -169,9 +176,11 @@ class MlflowTracker(Tracker):
         if description and tags.get("mlflow.note.content") != description:
             self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
 
-    def start(self, name: str, tags: dict[str, str], parent: Run | None = None) -> Run:
+    def start(self, name: str, tags: dict[str, Any], parent: Run | None = None) -> Run:
+        # Tag values are strings: a local store coerces them, a tracking server's REST API does not.
+        tags = {k: str(v) for k, v in tags.items()}
         if parent is not None:
-            tags = {**tags, "mlflow.parentRunId": parent.run_id}
+            tags["mlflow.parentRunId"] = parent.run_id
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         return Run(self, run.info.run_id)
 

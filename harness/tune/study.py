@@ -204,8 +204,9 @@ def _log_visualizations(study: optuna.Study, parent: Run, folder: Path) -> list[
 def _parent_run(tracker: Tracker, study: optuna.Study, tuner: Tuner, storage: str) -> Run:
     """One MLflow parent per study, shared by every process that works on it (its id is a study attr)."""
     existing = study.user_attrs.get(PARENT_ATTR)
-    if existing:
+    if existing and tracker.exists(existing):
         return tracker.reopen(existing)
+    # No parent yet, or the study's parent lives in another MLflow store: this store gets its own.
     parent = tracker.start(f"study:{study.study_name}", {
         "kind": "study", "study": study.study_name, "storage": storage, "experiment_file": str(Path(tuner.path).resolve()),
         "objective": tuner.options.objective, "direction": tuner.options.direction, "git_commit": git_commit()})
