@@ -183,3 +183,14 @@ def test_mlflow_server_on_a_clone_serves_every_recorded_run_and_its_artifacts(cl
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_committed_record_keeps_to_its_budget() -> None:
+    """At most 30 MB in all and 1 MB per run: params, metric histories, tags and small artifacts only."""
+    store = ROOT / "mlruns"
+    files = [p for p in store.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    for run in store.glob("*/*/meta.yaml"):
+        size = sum(p.stat().st_size for p in run.parent.rglob("*") if p.is_file())
+        assert size <= 2**20, f"{run.parent} holds {size} bytes"
+    assert not [p for p in files if p.suffix in (".pt", ".pth", ".ckpt")]  # checkpoints live in the cache
