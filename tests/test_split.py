@@ -86,4 +86,5 @@ def test_pycil_arm_needs_a_class_incremental_split(tmp_path: Path, capsys: pytes
     for key in ("init_cls_num", "inc_cls_num"):
         raw["split"].pop(key)
     assert main([str(write_yaml(tmp_path / "e.yaml", raw)), "--dry-run"]) == 2
-    assert "per-class exemplars" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "method.name" in err and "pycil_gem supports the class_incremental protocol(s), not permutations" in err
