@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,3 +64,50 @@ def write_yaml(path: Path, data: dict) -> Path:
 
 
 needs_cifar = pytest.mark.skipif(not (CIFAR100 / "train").is_dir(), reason=f"CIFAR-100 not found at {CIFAR100}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rest(base: str, path: str, body: dict | None = None) -> dict:
+    """A JSON call to a tracking server's REST API (POST when ``body`` is given)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}{path}", data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@contextlib.contextmanager
+def mlflow_server(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on a free loopback port, up once its health check answers; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=5).read()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def expect_exit_2(main: object, args: list[str], capsys: object, *needles: str) -> str:
+    """``main(args)`` exits 2 with one line on stderr, no traceback, containing every needle."""
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err

@@ -6,10 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,15 +17,11 @@ from mlflow.tracking import MlflowClient
 
 from harness.report import welch_interval
 from harness.run import main
-from tests.conftest import ROOT, digits_arm, digits_experiment, write_yaml
+from tests.conftest import ROOT, digits_arm, digits_experiment, expect_exit_2, mlflow_server, rest, write_yaml
 
 
 def _exit_2(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> None:
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
+    expect_exit_2(main, args, capsys, *needles)
 
 
 def test_every_arm_runs_once_per_seed_and_the_summary_has_mean_and_std(
@@ -142,37 +136,12 @@ def test_a_corrupt_record_stops_the_report_naming_the_file(tmp_path: Path, clone
     assert (tmp_path / "docs" / "REPRODUCTION.md").read_text() == "# Reproduction record\n"  # nothing overwritten
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict) -> dict:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
 def test_mlflow_server_on_a_clone_serves_every_recorded_run_and_its_artifacts(clone: Path) -> None:
-    port = _free_port()
-    env = {**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", "mlruns", "--host",
-                               "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=clone, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=5).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
-        experiments = _post(f"{base}/api/2.0/mlflow/experiments/search", {"max_results": 1000}).get("experiments", [])
+    with mlflow_server(["--backend-store-uri", "mlruns", "--workers", "1"], clone,
+                       {"MLFLOW_ALLOW_FILE_STORE": "true"}) as base:
+        experiments = rest(base, "/api/2.0/mlflow/experiments/search", {"max_results": 1000}).get("experiments", [])
         ids = [e["experiment_id"] for e in experiments]
-        runs = _post(f"{base}/api/2.0/mlflow/runs/search", {"experiment_ids": ids, "max_results": 1000}).get("runs", [])
+        runs = rest(base, "/api/2.0/mlflow/runs/search", {"experiment_ids": ids, "max_results": 1000}).get("runs", [])
         assert sorted(r["info"]["run_id"] for r in runs) == sorted(p.parent.name for p in
                                                                    (clone / "mlruns").glob("*/*/meta.yaml"))
         arm = next((r for r in runs if any(t["key"] == "arm" for t in r["data"].get("tags", []))), None)
@@ -180,9 +149,6 @@ def test_mlflow_server_on_a_clone_serves_every_recorded_run_and_its_artifacts(cl
             url = f"{base}/get-artifact?path=accuracy_matrix.json&run_uuid={arm['info']['run_id']}"
             matrix = json.loads(urllib.request.urlopen(url, timeout=30).read())
             assert "cil" in matrix
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_the_committed_record_keeps_to_its_budget() -> None:

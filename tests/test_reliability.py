@@ -24,7 +24,7 @@ from harness.engine.runner import build_split
 from harness.engine.trainer import ArmTrainer, load_checkpoint, save_checkpoint
 from harness.errors import UserError
 from harness.run import main
-from tests.conftest import CIFAR100, MNIST, ROOT, digits_arm, digits_experiment, needs_cifar, write_yaml
+from tests.conftest import CIFAR100, MNIST, ROOT, digits_arm, digits_experiment, expect_exit_2, needs_cifar, write_yaml
 
 ARMS = [digits_arm("finetune", {"name": "finetune"}, epoch=2),
         digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 32}}, epoch=5, batch_size=8),
@@ -122,12 +122,7 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
 
 
 def _expect_exit_2(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
+    return expect_exit_2(main, args, capsys, *needles)
 
 
 def test_resume_refuses_a_changed_experiment_file_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,35 +3,19 @@ a 2-worker study at once; everything is checked through the server's REST API.""
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, digits_arm, digits_experiment, write_yaml
+from tests.conftest import ROOT, digits_arm, digits_experiment, mlflow_server, rest, write_yaml
 
 POSTGRES = os.environ.get("HARNESS_TEST_POSTGRES_URL")
 pytestmark = pytest.mark.skipif(not POSTGRES, reason="set HARNESS_TEST_POSTGRES_URL (.ci/run starts PostgreSQL)")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _api(base: str, path: str, body: dict | None = None) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"{base}{path}", data, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 @pytest.fixture
@@ -42,25 +26,9 @@ def server(tmp_path: Path) -> Iterator[str]:
     with psycopg.connect(POSTGRES, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
     backend = POSTGRES.rsplit("/", 1)[0] + f"/{name}"
-    port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend,
-                             "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "2"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=5).read()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+    with mlflow_server(["--backend-store-uri", backend, "--artifacts-destination", str(tmp_path / "artifacts"),
+                        "--workers", "2"], tmp_path) as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
 
 
 def test_an_experiment_and_a_two_worker_study_reach_a_shared_tracking_server(tmp_path: Path, server: str) -> None:
@@ -80,18 +48,18 @@ def test_an_experiment_and_a_two_worker_study_reach_a_shared_tracking_server(tmp
     assert [p.wait(timeout=900) for p in procs] == [0, 0]
 
     experiments = {e["name"]: e["experiment_id"] for e in
-                   _api(server, "/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]}
-    runs = _api(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiments["team-exp"]]})["runs"]
+                   rest(server, "/api/2.0/mlflow/experiments/search", {"max_results": 100})["experiments"]}
+    runs = rest(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiments["team-exp"]]})["runs"]
     tags = [{t["key"]: t["value"] for t in r["data"]["tags"]} for r in runs]
     arm_runs = [r for r, t in zip(runs, tags, strict=True) if t.get("kind") != "experiment"]
     assert sorted(t["arm"] for t in tags if t.get("kind") != "experiment") == ["finetune", "gem"]
     for run in arm_runs:
         assert run["info"]["status"] == "FINISHED"
         assert {m["key"] for m in run["data"]["metrics"]} >= {"task0_acc", "cil_acc", "cil_acc_task_1", "wall_seconds"}
-        listed = _api(server, f"/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
+        listed = rest(server, f"/api/2.0/mlflow/artifacts/list?run_id={run['info']['run_id']}")
         assert {f["path"] for f in listed["files"]} >= {"recipe.yaml", "accuracy_matrix.json", "arm.log"}
 
-    trials = _api(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiments["team-study"]],
+    trials = rest(server, "/api/2.0/mlflow/runs/search", {"experiment_ids": [experiments["team-study"]],
                                                           "filter": "tags.kind = 'trial'"})["runs"]
     numbers = sorted(int(next(t["value"] for t in r["data"]["tags"] if t["key"] == "trial")) for r in trials)
     assert numbers == [0, 1, 2, 3]  # every trial arrived, no trial number twice

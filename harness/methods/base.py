@@ -7,6 +7,7 @@ A method sees one task at a time: ``training_indices`` says which examples the t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -64,6 +65,18 @@ def mask_bounds(mask: TrainMask, task: int, current: int, split: Split) -> tuple
     if mask == "seen":
         return 0, split.seen_classes(current)
     return 0, split.num_classes
+
+
+def per_task_labels(inputs: torch.Tensor, tasks: torch.Tensor, split: Split,
+                    logits_of: Callable[[torch.Tensor, int], torch.Tensor]) -> torch.Tensor:
+    """Task-incremental predictions for methods with task-specific parts: each example's logits from
+    ``logits_of(its inputs, its task)``, argmax within its task's classes."""
+    labels = torch.empty(len(inputs), dtype=torch.long, device=inputs.device)
+    for t in tasks.unique().tolist():
+        rows = tasks == t
+        lo, hi = split.bounds[t]
+        labels[rows] = logits_of(inputs[rows], t)[:, lo:hi].argmax(1) + lo
+    return labels
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness.methods.base import Batch, Context, Method, StepResult, restrict_logits
+from harness.methods.base import Batch, Context, Method, StepResult, per_task_labels, restrict_logits
 from harness.methods.registry import register_method
 
 
@@ -68,12 +68,7 @@ class Multimodal(Method):
 
     @torch.no_grad()
     def predict_til(self, inputs: torch.Tensor, tasks: torch.Tensor) -> dict[str, torch.Tensor]:
-        labels = torch.empty(len(inputs), dtype=torch.long, device=inputs.device)
-        for t in tasks.unique().tolist():
-            rows = tasks == t
-            lo, hi = self.ctx.split.bounds[t]
-            labels[rows] = self.logits(inputs[rows], t)[:, lo:hi].argmax(1) + lo
-        return {"cnn": labels}
+        return {"cnn": per_task_labels(inputs, tasks, self.ctx.split, self.logits)}
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.model.state_dict()}
