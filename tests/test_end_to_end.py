@@ -50,6 +50,12 @@ def test_digits_experiment_is_fully_recorded_in_mlflow(tmp_path: Path, mlflow_ur
     assert runs.loc["gem", "params.split.class_order_resolved"] == str(list(range(10)))
 
     client = MlflowClient(mlflow_uri)
+    # laid out for training runs: mlflow ui's model-training kind, the file's note, the headline columns view
+    tags = client.get_experiment_by_name("digits-test").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
+    assert json.loads(tags["mlflow.sharedViewState.harness"])["selectedColumns"][:2] == ["metrics.`task0_acc`",
+                                                                                        "metrics.`cil_acc`"]
+    assert "viewStateShareKey=harness&workflowType=machine_learning" in out
     gem_id = runs.loc["gem", "run_id"]
     assert {a.path for a in client.list_artifacts(gem_id)} == ARTIFACTS
     matrix = json.loads(Path(client.download_artifacts(gem_id, "accuracy_matrix.json", str(tmp_path))).read_text())

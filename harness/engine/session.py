@@ -19,7 +19,7 @@ from harness.engine.progress import Progress
 from harness.engine.runner import ArmOutcome, arm_steps, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
 from harness.errors import Interrupted, UserError
 from harness.paths import cache_dir, run_work_dir
-from harness.tracking import MlflowTracker, Run, RunInfo, Tracker, make_tracker
+from harness.tracking import VIEW, MlflowTracker, Run, RunInfo, Tracker, make_tracker
 
 RESOLVED = "experiment_resolved.yaml"
 
@@ -143,9 +143,10 @@ def start(args: argparse.Namespace) -> int:
 
 
 def ui_link(tracker: MlflowTracker) -> str:
-    """The experiment's runs table in ``mlflow ui`` (or the tracking server), in its model-training layout:
-    MLflow 3 opens in its GenAI layout unless the link asks for ``workflowType=machine_learning``."""
-    page = f"#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning"
+    """The experiment's runs table in ``mlflow ui`` (or the tracking server): the model-training layout
+    (MLflow 3 opens in its GenAI layout unless the link asks for ``workflowType=machine_learning``) with
+    the headline metric columns of the shared view ``VIEW`` selected."""
+    page = f"#/experiments/{tracker.experiment_id}/runs?viewStateShareKey={VIEW}&workflowType=machine_learning"
     if tracker.uri.startswith(("http://", "https://")):
         return f"{tracker.uri.rstrip('/')}/{page}"
     return f"http://127.0.0.1:5000/{page} (after: MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {tracker.uri})"

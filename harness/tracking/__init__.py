@@ -23,6 +23,8 @@ from harness.paths import run_work_dir
 
 PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
 KIND_TAG = "mlflow.experimentKind"  # what mlflow ui reads to choose its model-training layout
+VIEW = "harness"  # the shared runs-table view: mlflow ui's ?viewStateShareKey=harness
+HEADLINE = ("task0_acc", "cil_acc", "til_acc", "cil_avg_incremental", "cil_bwt", "wall_seconds")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -168,13 +170,15 @@ class MlflowTracker(Tracker):
             raise UserError(f"MLflow store {self.uri}: {str(exc).splitlines()[0]}") from None
 
     def describe(self, description: str) -> None:
-        """The experiment's note (``mlflow.note.content``), and its kind for the UI: a model-training
-        experiment, so ``mlflow ui`` opens on its runs table rather than the GenAI traces view."""
+        """The experiment's note (``mlflow.note.content``), its kind (a model-training experiment), and a
+        shared view of the runs table with the headline metric columns selected (``VIEW``), which the link
+        ``harness.run`` prints opens."""
         tags = self.client.get_experiment(self.experiment_id).tags
-        if tags.get(KIND_TAG) != "custom_model_development":
-            self.client.set_experiment_tag(self.experiment_id, KIND_TAG, "custom_model_development")
-        if description and tags.get("mlflow.note.content") != description:
-            self.client.set_experiment_tag(self.experiment_id, "mlflow.note.content", description)
+        wanted = {KIND_TAG: "custom_model_development", "mlflow.note.content": description,
+                  f"mlflow.sharedViewState.{VIEW}": json.dumps({"selectedColumns": [f"metrics.`{m}`" for m in HEADLINE]})}
+        for key, value in wanted.items():
+            if value and tags.get(key) != value:
+                self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def start(self, name: str, tags: dict[str, Any], parent: Run | None = None) -> Run:
         # Tag values are strings: a local store coerces them, a tracking server's REST API does not.
