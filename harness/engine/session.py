@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -125,6 +126,7 @@ def start(args: argparse.Namespace) -> int:
     split = build_split(experiment)
     parent = tracker.start(experiment.name, {
         "kind": "experiment", "experiment_file": str(Path(args.experiment).resolve()),
+        "experiment_file_relative": os.path.relpath(Path(args.experiment).resolve()),
         "overrides": json.dumps(args.overrides), "variant": args.variant or "", "arms": args.arms or "",
         "git_commit": git_commit(),
         "split_hash": split.digest})
@@ -171,6 +173,18 @@ def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     return sorted(k.rstrip(".") for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
+def experiment_file(tags: dict[str, str]) -> Path:
+    """The parent's experiment file: where it was, else the same file relative to this checkout (a resume in
+    another clone, or a later session's fresh work tree)."""
+    recorded = Path(tags["experiment_file"])
+    for candidate in (recorded, Path(tags.get("experiment_file_relative", recorded.name)),
+                      Path("experiments") / recorded.name):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"{recorded}: the experiment file of this run is gone (looked here too: "
+                    f"{tags.get('experiment_file_relative', Path('experiments') / recorded.name)})")
+
+
 def resume(args: argparse.Namespace) -> int:
     tracker = make_tracker(args.tracking_uri, None)
     info = tracker.info(args.resume)
@@ -179,7 +193,7 @@ def resume(args: argparse.Namespace) -> int:
     if info.status == "FINISHED":
         raise UserError(f"experiment run {args.resume} already finished; nothing to resume")
     tracker.use_experiment(info.experiment)
-    experiment = only_arms(load_experiment(info.tags["experiment_file"], json.loads(info.tags.get("overrides", "[]")),
+    experiment = only_arms(load_experiment(experiment_file(info.tags), json.loads(info.tags.get("overrides", "[]")),
                                            info.tags.get("variant") or None), info.tags.get("arms"))
     recorded = tracker.read_artifact(args.resume, RESOLVED)
     if recorded is not None:
