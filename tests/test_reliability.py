@@ -268,3 +268,14 @@ def test_an_unreachable_tracking_server_stops_before_training_naming_the_uri(
     _expect_exit_2([str(path), "--tracking-uri", f"http://127.0.0.1:{port}", "--quiet"], capsys,
                    f"http://127.0.0.1:{port}", "unreachable")
     assert time.monotonic() - started < 60  # a bounded retry, not MLflow's minutes of backoff
+
+
+def test_resume_finds_the_experiment_file_in_this_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parent recorded in another work tree (a later session's fresh checkout) resumes from this one's file."""
+    from harness.engine.session import experiment_file
+
+    monkeypatch.chdir(ROOT)
+    moved = {"experiment_file": "/gone/worktree/experiments/quickstart.yaml"}
+    assert experiment_file(moved) == Path("experiments/quickstart.yaml")
+    with pytest.raises(UserError, match="experiment file of this run is gone"):
+        experiment_file({"experiment_file": "/gone/nowhere.yaml"})
