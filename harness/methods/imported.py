@@ -129,6 +129,9 @@ class ImportedMethod(Method):
         # DataLoaders draw their workers' seeds from this generator, never from the global one: building and
         # iterating them leaves the run's random stream exactly as a built-in arm's.
         self.loader_rng = torch.Generator().manual_seed(0)
+        # The test set goes to the device once, not with every batch of every test loader.
+        self.test_images = ctx.split.dataset.test_x.to(ctx.device)
+        self.test_labels = ctx.split.test_y.to(ctx.device)
 
     # -- the LibContinual trainer contract ------------------------------------------------------------
     def _loader(self, index: torch.Tensor, train: bool) -> DataLoader:
@@ -140,14 +143,6 @@ class ImportedMethod(Method):
                     "label": (self.ctx.train_labels if train else self.test_labels)[rows]}
 
         return DataLoader(list(index.cpu()), batch_size=128, shuffle=train, collate_fn=collate, generator=self.loader_rng)
-
-    @property
-    def test_images(self) -> torch.Tensor:
-        return self.ctx.split.dataset.test_x.to(self.ctx.device)
-
-    @property
-    def test_labels(self) -> torch.Tensor:
-        return self.ctx.split.test_y.to(self.ctx.device)
 
     def _loaders(self, task: int) -> tuple[DataLoader, list[DataLoader]]:
         tasks = self.ctx.split.tasks
