@@ -231,12 +231,17 @@ def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo]]
     """Every target's rows from the store (finished arm runs grouped by recipe), and the parents involved."""
     rows: list[Row] = []
     parents: dict[str, RunInfo] = {}
+    # Read each experiment's parents and each parent's children once, not once per target arm.
+    experiments = {t.experiment: sorted(tracker.runs_of_kind(t.experiment, "experiment", finished_only=False,
+                                                             limit=1000), key=lambda p: p.run_id)
+                   for t in TARGETS}
+    children = {p.run_id: sorted(tracker.children(p.run_id), key=lambda c: (c.tags.get("seed", ""), c.run_id))
+                for found in experiments.values() for p in found}
     for target in TARGETS:
         groups: dict[str, Row] = {}
         # An arm that finished is a measurement even when a later arm of its experiment was interrupted.
-        for parent in sorted(tracker.runs_of_kind(target.experiment, "experiment", finished_only=False, limit=1000),
-                             key=lambda p: p.run_id):
-            for child in sorted(tracker.children(parent.run_id), key=lambda c: (c.tags.get("seed", ""), c.run_id)):
+        for parent in experiments[target.experiment]:
+            for child in children[parent.run_id]:
                 if child.status != "FINISHED" or child.tags.get("arm") != target.arm:
                     continue
                 row = groups.setdefault(recipe_key(child), Row(target, parent))
