@@ -15,7 +15,7 @@ import torch
 
 from harness.config.experiment import parse_experiment
 from harness.engine.precision import choose_precision, native_bf16
-from harness.engine.runner import build_split
+from harness.engine.runner import build_split, recorded_precision
 from harness.engine.trainer import ArmTrainer
 from harness.run import main
 from tests.conftest import ROOT, digits_arm, digits_experiment, write_yaml
@@ -60,6 +60,21 @@ def test_the_run_records_how_it_computed(tmp_path: Path, mlflow_uri: str) -> Non
     assert runs.loc["fp32", "tags.precision"] == "fp32"
     assert runs.loc["gem", "tags.memory_format"] == "contiguous"  # an MLP: no channels-last
     assert runs.loc["gem", "params.engine.amp"] == "auto"
+
+
+@pytest.mark.parametrize(("tags", "amp", "channels_last"), [
+    ({"precision": "bf16-autocast", "memory_format": "channels_last"}, True, True),  # started on a bf16 machine
+    ({"precision": "fp32", "memory_format": "contiguous"}, False, False),  # started in fp32
+    ({}, "auto", "auto")])  # a run from before precision was recorded: the experiment's own setting
+def test_a_resumed_arm_computes_in_the_precision_its_run_recorded(
+        tmp_path: Path, tags: dict[str, str], amp: object, channels_last: object) -> None:
+    arm = digits_arm("a", {"name": "finetune"}, epoch=1, backbone={"name": "resnet32"})
+    experiment = parse_experiment(digits_experiment([arm], task_num=2), str(tmp_path / "exp.yaml"))
+    pinned = recorded_precision(experiment.arm("a"), tags)
+    assert (pinned.engine.amp, pinned.engine.channels_last) == (amp, channels_last)
+    if tags:  # whatever auto would pick on this machine, the trainer computes as the run began
+        trainer = ArmTrainer(pinned, build_split(experiment), None)
+        assert trainer.precision.tags == tags
 
 
 def _trainer(tmp_path: Path, **engine: object) -> ArmTrainer:

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.report import welch_interval
 from harness.run import main
+from harness.tracking import MlflowTracker
 from tests.conftest import ROOT, digits_arm, digits_experiment, expect_exit_2, mlflow_server, rest, write_yaml
 
 
@@ -71,9 +72,10 @@ def test_a_resume_whose_checkpoint_is_gone_stops_and_names_run_and_path(
     folder = Path(child.data.tags["checkpoint_dir"])
     assert folder == tmp_path / "cache" / "runs" / child.info.run_id / "checkpoints"  # the one documented place
     assert (folder / "last.pt").is_file()
-    shutil.rmtree(folder)
+    shutil.rmtree(folder)  # this machine's copy, and the record's
+    MlflowTracker(uri, None).delete_artifacts(child.info.run_id, "checkpoints")
     _exit_2(["--resume", parent.info.run_id, "--tracking-uri", uri], capsys, child.info.run_id, str(folder / "last.pt"),
-            "--force")
+            "checkpoints/last.pt", "--force")
 
 
 def test_welch_interval_needs_two_seeds_a_side() -> None:

@@ -107,6 +107,10 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
     # the tasks finished before the interruption are already in MLflow
     assert len(MlflowClient(uri).get_metric_history(gem.info.run_id, "cil_acc_task_0")) >= 2
 
+    # the stopped arm's checkpoint is in its run's artifacts as well as in this machine's cache
+    assert [a.path for a in MlflowClient(uri).list_artifacts(gem.info.run_id, "checkpoints")] == ["checkpoints/last.pt"]
+    if sig == signal.SIGKILL:  # and the SIGKILLed experiment resumes on a fresh machine, from the record alone
+        shutil.rmtree(tmp_path / "cache")
     assert main(["--resume", parent_id, "--tracking-uri", uri, "--quiet"]) == 0
     resumed = matrices(uri, "digits-test", parent_id)
     reference = matrices(reference_uri, "digits-test", reference_parent)
@@ -117,6 +121,8 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
         assert resumed[arm]["status"] == "FINISHED"
         assert resumed[arm]["matrix"] == reference[arm]["matrix"], arm  # exact equality
     assert MlflowClient(uri).get_run(parent_id).info.status == "FINISHED"
+    for arm in resumed:  # finished arms drop the checkpoint from their artifacts
+        assert MlflowClient(uri).list_artifacts(resumed[arm]["run_id"], "checkpoints") == []
     log = Path(MlflowClient(uri).download_artifacts(gem.info.run_id, "arm.log", str(tmp_path))).read_text()
     assert "gem task 1/5 epoch 1/5" in log and "gem task 5/5 epoch 5/5" in log  # one log across the interruption
 

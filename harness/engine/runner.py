@@ -22,7 +22,7 @@ from harness.data.datasets import DATASETS, load_dataset
 from harness.data.domains import expand_tasks
 from harness.data.split import Split, class_order, make_split
 from harness.engine.progress import Progress
-from harness.engine.trainer import CHECKPOINT, ArmResult, ArmTrainer, load_checkpoint, resolve_device
+from harness.engine.trainer import CHECKPOINT, CHECKPOINTS, ArmResult, ArmTrainer, load_checkpoint, progress_key, resolve_device
 from harness.errors import Interrupted, UserError
 from harness.methods import method_class
 from harness.metrics import seen_accuracy
@@ -121,12 +121,34 @@ def run_name(arm: ArmRecipe, experiment: Experiment) -> str:
 
 
 def _resume_checkpoint(run: Run, arm: ArmRecipe, folder: Path, restart: bool) -> dict[str, Any] | None:
-    """The interrupted run's checkpoint; a missing one stops the resume unless ``restart`` (``--force``)."""
-    checkpoint = load_checkpoint(folder)
-    if checkpoint is None and not restart:
+    """The interrupted run's checkpoint: the one in this machine's ``folder`` or the copy in the run's
+    artifacts (a later session on a fresh machine, a clone of the record), whichever had come further. A
+    missing one stops the resume unless ``restart`` (``--force``)."""
+    found = [c for c in (load_checkpoint(folder),) if c is not None]
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = run.tracker.download_artifact(run.run_id, f"{CHECKPOINTS}/{CHECKPOINT}", Path(tmp))
+        if copy is not None:
+            found.append(load_checkpoint(copy.parent))
+    if not found and not restart:
         raise UserError(f"run {run.run_id} (arm {arm.name}, seed {arm.engine.seed}): no checkpoint at "
-                        f"{folder / CHECKPOINT}; pass --force to restart this arm from its first task")
-    return checkpoint
+                        f"{folder / CHECKPOINT} nor in the run's artifacts ({CHECKPOINTS}/{CHECKPOINT}); pass "
+                        "--force to restart this arm from its first task")
+    return max(found, key=progress_key, default=None)
+
+
+def recorded_precision(arm: ArmRecipe, tags: dict[str, str]) -> ArmRecipe:
+    """A resumed arm computes as it started: in the precision and memory layout its run recorded, whatever
+    ``auto`` picks on the machine that resumes it (a run is never half bf16, half fp32)."""
+    if "precision" not in tags:
+        return arm
+    engine = dataclasses.replace(arm.engine, amp=tags["precision"] != "fp32",
+                                 channels_last=tags.get("memory_format") == "channels_last")
+    return dataclasses.replace(arm, engine=engine)
+
+
+def cpu_capability() -> str:
+    """The CPU's vector instruction set as PyTorch dispatches on it (``AVX2``, ``AVX512``, ...)."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
@@ -136,6 +158,8 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
     device = resolve_device(arm.engine.device)
     tags = {"arm": arm.name, "seed": arm.engine.seed, "method": arm.method.name, "device": _device_name(device),
             "git_commit": git_commit(), "split_hash": split.digest, "experiment": experiment.name}
+    if device.type == "cpu" and resume_run is None:
+        tags["cpu_capability"] = cpu_capability()
     folder = run_work_dir(resume_run.run_id) if resume_run is not None else None
     checkpoint = None
     if resume_run is None:
@@ -144,17 +168,32 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
         folder = run_work_dir(run.run_id)
     else:
         run = resume_run
-        checkpoint = _resume_checkpoint(run, arm, folder / "checkpoints", restart)
+        checkpoint = _resume_checkpoint(run, arm, folder / CHECKPOINTS, restart)
+        recorded = tracker.info(run.run_id).tags
+        arm = recorded_precision(arm, recorded)
         tracker.reopen(run.run_id)
+        capabilities = recorded.get("cpu_capability", "")
+        if device.type == "cpu" and cpu_capability() not in capabilities.split(", "):
+            tags["cpu_capability"] = ", ".join(filter(None, [capabilities, cpu_capability()]))
         run.set_tags({**tags, "resumed": "true"})
-    checkpoints = folder / "checkpoints"
+    checkpoints = folder / CHECKPOINTS
     run.set_tags({"resume_hint": f"python -m harness.run --resume {parent.run_id}", "checkpoint_dir": str(checkpoints)})
     log_path = folder / "arm.log"  # beside the checkpoints, appended to when the arm resumes
     folder.mkdir(parents=True, exist_ok=True)
+    if resume_run is not None and not log_path.exists():  # resumed on another machine: the record's copy
+        tracker.download_artifact(run.run_id, log_path.name, folder)
     with open(log_path, "a") as log:
         progress.log = log
+
+        def carry(checkpoint: Path) -> None:
+            """Until the arm finishes, its run's artifacts hold its checkpoint and log: the record alone
+            resumes it (a later session on a fresh machine, a clone)."""
+            log.flush()
+            run.log_artifact(checkpoint, CHECKPOINTS)
+            run.log_artifact(log_path)
+
         try:
-            trainer = ArmTrainer(arm, split, run, progress, checkpoint_dir=checkpoints)
+            trainer = ArmTrainer(arm, split, run, progress, checkpoint_dir=checkpoints, on_checkpoint=carry)
             run.set_tags(trainer.precision.tags)
             if resume_run is None:
                 record_source(run, tracker, arm.name, trainer.method.provenance())
@@ -173,6 +212,7 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
     with tempfile.TemporaryDirectory() as tmp:
         _log_artifacts(run, arm, result, Path(tmp))
     run.log_artifact(log_path)
+    tracker.delete_artifacts(run.run_id, CHECKPOINTS)  # finished: the local copy stays until the experiment ends
     run.end("FINISHED")
     curve = seen_accuracy(result.matrices["cil"], result.sizes).tolist()
     return ArmOutcome(arm.name, arm.method.name, run.run_id, result.summary, curve, arm.engine.seed,

@@ -3,7 +3,8 @@
 An arm's whole state (network, optimizer, schedule, method state such as GEM's memory, every RNG, the
 position in the task/epoch/step loop and the metrics so far) is one dict, written atomically to the
 run's checkpoint folder at the end of every task and every ``checkpoint_every`` epochs, so an interrupted
-arm continues exactly where it stopped.
+arm continues exactly where it stopped. The same file is an artifact of the run (``checkpoints/last.pt``)
+until the arm finishes: the record carries it, so the arm also continues on another machine.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from harness.models import build_network
 from harness.tracking import Run
 
 CHECKPOINT = "last.pt"
+CHECKPOINTS = "checkpoints"
 
 
 def resolve_device(name: str) -> torch.device:
@@ -92,6 +94,12 @@ def save_checkpoint(state: dict[str, Any], folder: Path) -> Path:
     except OSError as exc:
         raise UserError(f"{folder}: checkpoint folder is not writable ({exc.strerror or exc})") from None
     return path
+
+
+def progress_key(checkpoint: dict[str, Any]) -> tuple[int, int, int]:
+    """How far a checkpoint's loop had come: (task, epochs trained in all, step within the epoch)."""
+    loop = checkpoint["loop"]
+    return loop["task"], loop["global_epoch"], loop["step"]
 
 
 def load_checkpoint(folder: Path) -> dict[str, Any] | None:
@@ -165,11 +173,11 @@ class ArmTrainer:
 
     def __init__(self, arm: ArmRecipe, split: Split, run: Run | None, progress: Progress | None = None, *,
                  evaluate_on: str = "test", last_task: int | None = None, on_epoch: EpochCallback | None = None,
-                 checkpoint_dir: Path | None = None) -> None:
+                 checkpoint_dir: Path | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> None:
         self.arm, self.split, self.run = arm, split, run
         self.progress = progress or Progress(0, enabled=False)
         self.last_task = split.num_tasks - 1 if last_task is None else last_task
-        self.on_epoch, self.checkpoint_dir = on_epoch, checkpoint_dir
+        self.on_epoch, self.checkpoint_dir, self.on_checkpoint = on_epoch, checkpoint_dir, on_checkpoint
         engine: EngineOptions = arm.engine
         self.device = resolve_device(engine.device)
         seed_everything(engine.seed, engine.deterministic)
@@ -264,9 +272,12 @@ class ArmTrainer:
 
     def checkpoint(self, *, boundary: bool = False) -> None:
         """Write the arm's state; ``boundary``: between tasks. A method whose state_dict does not capture
-        everything (``Method.resumable``) is only checkpointed between tasks, so a resume restarts its task."""
+        everything (``Method.resumable``) is only checkpointed between tasks, so a resume restarts its task.
+        ``on_checkpoint`` gets each new file (the runner copies it into the run's artifacts)."""
         if self.checkpoint_dir is not None and (boundary or self.method.resumable):
-            save_checkpoint(self.state_dict(), self.checkpoint_dir)
+            path = save_checkpoint(self.state_dict(), self.checkpoint_dir)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(path)
 
     # -- the loop --------------------------------------------------------------------------------------
     def fit(self, checkpoint: dict[str, Any] | None = None) -> ArmResult:

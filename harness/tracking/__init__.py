@@ -108,6 +108,14 @@ class Tracker:
         """A text artifact of the run, or None if it has none by that name."""
         raise NotImplementedError
 
+    def download_artifact(self, run_id: str, path: str, dest: Path) -> Path | None:
+        """Copy the run's artifact ``path`` into ``dest``; the local file, or None if the run has no such artifact."""
+        raise NotImplementedError
+
+    def delete_artifacts(self, run_id: str, path: str) -> None:
+        """Remove the run's artifact folder (or file) ``path``, if it has one."""
+        raise NotImplementedError
+
     def exists(self, run_id: str) -> bool:
         try:
             self.info(run_id)
@@ -220,6 +228,21 @@ class MlflowTracker(Tracker):
             return None
         return mlflow.artifacts.load_text(f"{self.client.get_run(run_id).info.artifact_uri}/{path}")
 
+    def download_artifact(self, run_id: str, path: str, dest: Path) -> Path | None:
+        folder = path.rpartition("/")[0] or None
+        if path not in {a.path for a in self.client.list_artifacts(run_id, folder)}:
+            return None
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(self.client.download_artifacts(run_id, path, str(dest)))
+
+    def delete_artifacts(self, run_id: str, path: str) -> None:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        folder = path.rpartition("/")[0] or None
+        if any(a.path == path for a in self.client.list_artifacts(run_id, folder)):
+            repository = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri, tracking_uri=self.uri)
+            repository.delete_artifacts(path)
+
     def previous_arm_run(self, arm: str, before: str) -> RunInfo | None:
         runs = self.client.search_runs([self.experiment_id], f"tags.arm = '{arm}' and attributes.status = 'FINISHED'",
                                        order_by=["attributes.start_time DESC"], max_results=20)
@@ -327,6 +350,20 @@ class FolderTracker(Tracker):
     def read_artifact(self, run_id: str, path: str) -> str | None:
         file = self._path(run_id, "artifacts") / path
         return file.read_text() if file.is_file() else None
+
+    def download_artifact(self, run_id: str, path: str, dest: Path) -> Path | None:
+        file = self._path(run_id, "artifacts") / path
+        if not file.is_file():
+            return None
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy2(file, dest / path))
+
+    def delete_artifacts(self, run_id: str, path: str) -> None:
+        target = self._path(run_id, "artifacts") / path
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink(missing_ok=True)
 
     def previous_arm_run(self, arm: str, before: str) -> RunInfo | None:
         runs = [self.info(m.parent.name) for m in self.root.glob("*/meta.json") if m.parent.name != before]
