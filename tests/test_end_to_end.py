@@ -53,8 +53,11 @@ def test_digits_experiment_is_fully_recorded_in_mlflow(tmp_path: Path, mlflow_ur
     # laid out for training runs: mlflow ui's model-training kind, the file's note, the headline columns view
     tags = client.get_experiment_by_name("digits-test").tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
-    assert json.loads(tags["mlflow.sharedViewState.harness"])["selectedColumns"][:2] == ["metrics.`task0_acc`",
-                                                                                        "metrics.`cil_acc`"]
+    view = json.loads(tags["mlflow.sharedViewState.harness"])
+    assert view["selectedColumns"][:2] == ["metrics.`task0_acc`", "metrics.`cil_acc`"]
+    # one row per arm (its seeds averaged), by the tag every arm's run carries
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "arm"}]
+    assert runs.index.notna().all()
     assert "viewStateShareKey=harness&workflowType=machine_learning" in out
     gem_id = runs.loc["gem", "run_id"]
     assert {a.path for a in client.list_artifacts(gem_id)} == ARTIFACTS

@@ -25,6 +25,11 @@ PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
 KIND_TAG = "mlflow.experimentKind"  # what mlflow ui reads to choose its model-training layout
 VIEW = "harness"  # the shared runs-table view: mlflow ui's ?viewStateShareKey=harness
 HEADLINE = ("task0_acc", "cil_acc", "til_acc", "cil_avg_incremental", "cil_bwt", "wall_seconds")
+# The runs table as mlflow ui restores it from the shared view: the headline metric columns, and the runs
+# grouped by their ``arm`` tag, so each arm is one row with its seeds' average, visible without a click
+# (a shared view cannot expand a parent run's nested children; grouping lifts them to the top level).
+SHARED_VIEW = {"selectedColumns": [f"metrics.`{m}`" for m in HEADLINE],
+               "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "arm"}]}}
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -183,7 +188,7 @@ class MlflowTracker(Tracker):
         ``harness.run`` prints opens."""
         tags = self.client.get_experiment(self.experiment_id).tags
         wanted = {KIND_TAG: "custom_model_development", "mlflow.note.content": description,
-                  f"mlflow.sharedViewState.{VIEW}": json.dumps({"selectedColumns": [f"metrics.`{m}`" for m in HEADLINE]})}
+                  f"mlflow.sharedViewState.{VIEW}": json.dumps(SHARED_VIEW)}
         for key, value in wanted.items():
             if value and tags.get(key) != value:
                 self.client.set_experiment_tag(self.experiment_id, key, value)
