@@ -26,5 +26,10 @@ class TrainingDiverged(UserError):
     """A non-finite loss; names arm, task, epoch and step."""
 
 
+class TrackingUnavailable(UserError):
+    """The tracking server stopped answering mid-run; names what was not delivered. Nothing is written to the
+    tracker after it: the arm stops with its checkpoint, and ``--resume`` logs the rest."""
+
+
 class Interrupted(Exception):
     """SIGINT arrived; the current step finished and a checkpoint was written."""

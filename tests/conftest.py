@@ -81,9 +81,10 @@ def rest(base: str, path: str, body: dict | None = None) -> dict:
 
 
 @contextlib.contextmanager
-def mlflow_server(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """A real ``mlflow server`` on a free loopback port, up once its health check answers; yields its URL."""
-    port = free_port()
+def mlflow_server(args: list[str], cwd: Path, env: dict[str, str] | None = None, port: int | None = None) -> Iterator[str]:
+    """A real ``mlflow server`` on a loopback port (a free one unless given), up once its health check
+    answers; yields its URL."""
+    port = port or free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", *args, "--host", "127.0.0.1", "--port", str(port)],
                             cwd=cwd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)

@@ -23,7 +23,7 @@ from harness.data.domains import expand_tasks
 from harness.data.split import Split, class_order, make_split
 from harness.engine.progress import Progress
 from harness.engine.trainer import CHECKPOINT, CHECKPOINTS, ArmResult, ArmTrainer, load_checkpoint, progress_key, resolve_device
-from harness.errors import Interrupted, UserError
+from harness.errors import Interrupted, TrackingUnavailable, UserError
 from harness.methods import method_class
 from harness.metrics import seen_accuracy
 from harness.paths import run_work_dir
@@ -154,7 +154,23 @@ def cpu_capability() -> str:
 def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
             progress: Progress, *, resume_run: Run | None = None, restart: bool = False) -> ArmOutcome:
     """Train one arm with one seed into its own run (a fresh one, or ``resume_run`` continued from its
-    checkpoint; ``restart``: start ``resume_run`` over if its checkpoint is gone)."""
+    checkpoint; ``restart``: start ``resume_run`` over if its checkpoint is gone).
+
+    If the tracking server stops answering, the arm stops where it is. Its last checkpoint precedes
+    everything that was not delivered (metrics reach the tracker before the checkpoint that follows them),
+    so a resume from it logs them again and continues."""
+    try:
+        return _run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run, restart=restart)
+    except TrackingUnavailable as exc:
+        progress.note(f"{arm.name}: stopped: {exc}")
+        raise TrackingUnavailable(
+            f"{exc}; arm {arm.name} seed {arm.engine.seed} stopped, its checkpoint stays in {run_work_dir('<run id>')}; "
+            f"once the server answers: python -m harness.run --resume {parent.run_id} --tracking-uri {tracker.uri} "
+            "delivers what is missing and continues") from None
+
+
+def _run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
+             progress: Progress, *, resume_run: Run | None, restart: bool) -> ArmOutcome:
     device = resolve_device(arm.engine.device)
     tags = {"arm": arm.name, "seed": arm.engine.seed, "method": arm.method.name, "device": _device_name(device),
             "git_commit": git_commit(), "split_hash": split.digest, "experiment": experiment.name}
@@ -198,6 +214,8 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
             if resume_run is None:
                 record_source(run, tracker, arm.name, trainer.method.provenance())
             result = trainer.fit(checkpoint)
+        except TrackingUnavailable:
+            raise  # the server can take neither the log nor a status now
         except BaseException as exc:
             progress.note(f"{arm.name}: stopped: {exc}")
             log.flush()

@@ -18,7 +18,7 @@ from harness.config.experiment import ArmRecipe, Experiment, load_experiment
 from harness.data.split import Split
 from harness.engine.progress import Progress
 from harness.engine.runner import ArmOutcome, arm_steps, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
-from harness.errors import Interrupted, UserError
+from harness.errors import Interrupted, TrackingUnavailable, UserError
 from harness.paths import cache_dir, run_work_dir
 from harness.tracking import VIEW, MlflowTracker, Run, RunInfo, Tracker, make_tracker
 
@@ -55,6 +55,8 @@ def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
             resume_run = Run(tracker, before.run_id) if before is not None else None
             outcomes.append(run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run,
                                     restart=restart))
+    except TrackingUnavailable:
+        raise  # it names the resume command; the parent stays RUNNING until the server answers again
     except BaseException as exc:
         hint = f"python -m harness.run --resume {parent.run_id}"
         parent.set_tags({"resume_hint": hint})

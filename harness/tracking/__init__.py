@@ -7,18 +7,21 @@ experiment can log into the same runs again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.errors import UserError
+from harness.errors import TrackingUnavailable, UserError
 from harness.paths import run_work_dir
 
 PARAM_LIMIT = 6000  # MLflow's maximum parameter value length
@@ -42,6 +45,12 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             flat[name] = str(value)[:PARAM_LIMIT]
     return flat
+
+
+def _names(values: dict[str, Any], shown: int = 6) -> str:
+    """The first ``shown`` keys, and how many more."""
+    keys = list(values)
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def finite(metrics: dict[str, float]) -> dict[str, float]:
@@ -80,6 +89,7 @@ class Tracker:
     """Interface shared by the MLflow and local-folder backends."""
 
     description = ""
+    uri = "none"  # what --tracking-uri names this store by
 
     def use_experiment(self, name: str) -> None:
         raise NotImplementedError
@@ -201,37 +211,57 @@ class MlflowTracker(Tracker):
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=name)
         return Run(self, run.info.run_id)
 
+    @contextlib.contextmanager
+    def _delivering(self, run_id: str, what: str) -> Iterator[None]:
+        """Turn a tracking server that stopped answering (after MLflow's own retries) into one line that
+        names the run and what was not delivered."""
+        from mlflow.exceptions import MlflowException
+        from requests.exceptions import RequestException
+
+        try:
+            yield
+        except MlflowException as exc:
+            cause = exc.__cause__ or exc.__context__
+            if not isinstance(cause, RequestException):
+                raise
+            reason = "connection refused" if "Connection refused" in str(cause) else type(cause).__name__
+            raise TrackingUnavailable(f"MLflow tracking server {self.uri} stopped answering ({reason}); not "
+                                      f"delivered to run {run_id}: {what}") from None
+
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         items = [self._Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i : i + 100])
+        with self._delivering(run_id, f"params {_names(params)}"):
+            for i in range(0, len(items), 100):
+                self.client.log_batch(run_id, params=items[i : i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         items = [self._Metric(k, v, now, step) for k, v in metrics.items()]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+        with self._delivering(run_id, f"metrics {_names(metrics)} (step {step})"):
+            for i in range(0, len(items), 1000):
+                self.client.log_batch(run_id, metrics=items[i : i + 1000])
 
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[self._RunTag(k, v) for k, v in tags.items()])
+        with self._delivering(run_id, f"tags {_names(tags)}"):
+            self.client.log_batch(run_id, tags=[self._RunTag(k, v) for k, v in tags.items()])
 
     def log_artifact(self, run_id: str, path: Path, folder: str | None) -> None:
-        self.client.log_artifact(run_id, str(path), folder)
+        with self._delivering(run_id, f"artifact {folder + '/' if folder else ''}{path.name}"):
+            self.client.log_artifact(run_id, str(path), folder)
 
     def end(self, run_id: str, status: str) -> None:
-        self.client.set_terminated(run_id, status)
+        with self._delivering(run_id, f"status {status}"):
+            self.client.set_terminated(run_id, status)
 
     def reopen(self, run_id: str) -> Run:
         self.client.update_run(run_id, status="RUNNING")
         return Run(self, run_id)
 
     def read_artifact(self, run_id: str, path: str) -> str | None:
-        import mlflow
-
-        folder = path.rpartition("/")[0] or None
-        if path not in {a.path for a in self.client.list_artifacts(run_id, folder)}:
-            return None
-        return mlflow.artifacts.load_text(f"{self.client.get_run(run_id).info.artifact_uri}/{path}")
+        # Through this client, which knows the tracking URI a server's proxied (mlflow-artifacts:) URIs need.
+        with tempfile.TemporaryDirectory() as tmp:
+            local = self.download_artifact(run_id, path, Path(tmp))
+            return local.read_text() if local is not None else None
 
     def download_artifact(self, run_id: str, path: str, dest: Path) -> Path | None:
         folder = path.rpartition("/")[0] or None
