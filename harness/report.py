@@ -112,6 +112,9 @@ RUNS = "## Runs"
 COMPARE = "## Comparisons"
 SEARCHES = "## Searches"
 PLOTS = "## Plots"
+IN_PROGRESS = "## In progress"
+PROGRESS_HEADER = ["| experiment | arm | seed | run | epochs trained | device; precision; CPU | continue with |",
+                   "|---|---|---|---|---|---|---|"]
 RUNS_HEADER = ["| experiment | arm | published / target | measured: mean ± std over seeds | wall s (mean) | "
                "device; precision; size | seeds | commits | runs |", "|---|---|---|---|---|---|---|---|---|"]
 COMPARE_HEADER = ["| experiment | comparison | metric | difference of means | 95% interval (Welch t) | target | runs |",
@@ -233,8 +236,9 @@ def comparison_line(comparison: Comparison, a: Row, b: Row) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
-def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo]]:
-    """Every target's rows from the store (finished arm runs grouped by recipe), and the parents involved."""
+def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo], list[str]]:
+    """Every target's rows from the store (finished arm runs grouped by recipe), the parents involved, and
+    the lines of the runs still in progress."""
     rows: list[Row] = []
     parents: dict[str, RunInfo] = {}
     # Read each experiment's parents and each parent's children once, not once per target arm.
@@ -254,7 +258,20 @@ def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo]]
                 row.runs.append(child)
                 parents[parent.run_id] = parent
         rows += sorted(groups.values(), key=lambda r: (_label(r.parent, r), r.runs[0].run_id))
-    return rows, parents
+    unfinished = [progress_line(tracker, parent, child) for found in experiments.values() for parent in found
+                  if parent.status != "FINISHED" for child in children[parent.run_id] if child.status != "FINISHED"]
+    return rows, parents, sorted(dict.fromkeys(unfinished))
+
+
+def progress_line(tracker: MlflowTracker, parent: RunInfo, child: RunInfo) -> str:
+    """An arm's run that has not finished: how far it came and the command that continues it."""
+    params = child.params
+    total = int(params.get("init_epoch", 0)) + int(params.get("epoch", 0)) * (int(params.get("split.task_num", 1)) - 1)
+    trained = len(tracker.metric_history(child.run_id, "epoch_train_loss"))
+    how = f"{child.tags.get('device', '?')}; {child.tags.get('precision', '?')}; {child.tags.get('cpu_capability', '-')}"
+    cells = [parent.experiment, child.tags.get("arm", child.name), child.tags.get("seed", "?"), f"`{child.run_id[:8]}`",
+             f"{trained} of {total}", how, f"`python -m harness.run --resume {parent.run_id}`"]
+    return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
 def comparison_lines(rows: list[Row]) -> list[str]:
@@ -366,7 +383,7 @@ class Report:
 
 def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "reproduction") -> Report:
     """The new record text (nothing is written here) and the plots to place next to it."""
-    rows, parents = collect_rows(tracker)
+    rows, parents, unfinished = collect_rows(tracker)
     known = {r.run_id[:8] for row in rows for r in row.runs} | {p[:8] for p in parents}
     sections = parse_sections(existing)
     old_runs = table_rows(sections.get(RUNS, []))
@@ -410,9 +427,12 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
              "Difference of the means of two rows with its 95% Welch t interval (scipy.stats.ttest_ind,",
              "equal_var=False). The interval needs at least two seeds on each side.", "",
              *COMPARE_HEADER, *(sorted(dict.fromkeys(compare)) or ["| - | no comparable rows yet | | | | | |"]), "",
-             SEARCHES, "", *SEARCH_HEADER, *searches, ""]
+             SEARCHES, "", *SEARCH_HEADER, *searches, "", IN_PROGRESS, "",
+             "Arm runs whose experiment has not finished, with the epochs they have trained so far (not results:",
+             "their rows above say \"not run\" until they finish). A later session continues each from the checkpoint",
+             "its run carries in the record.", "", *PROGRESS_HEADER, *(unfinished or ["| - | none | | | | | |"]), ""]
     for title, body in sections.items():  # sections the report does not write are kept as they are
-        if title not in ("", PAPER, RUNS, COMPARE, SEARCHES, PLOTS):
+        if title not in ("", PAPER, RUNS, COMPARE, SEARCHES, IN_PROGRESS, PLOTS):
             lines += [title, *body]
             if body and body[-1] != "":
                 lines.append("")

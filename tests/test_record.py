@@ -13,6 +13,8 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
+from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from harness.report import welch_interval
@@ -76,6 +78,30 @@ def test_a_resume_whose_checkpoint_is_gone_stops_and_names_run_and_path(
     MlflowTracker(uri, None).delete_artifacts(child.info.run_id, "checkpoints")
     _exit_2(["--resume", parent.info.run_id, "--tracking-uri", uri], capsys, child.info.run_id, str(folder / "last.pt"),
             "checkpoints/last.pt", "--force")
+
+
+def test_the_report_lists_unfinished_runs_with_their_progress_and_resume_command(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
+    # an experiment the report knows, whose arm stops in its second epoch (the loss diverges)
+    arm = digits_arm("gem", {"name": "finetune"}, epoch=2, lr_scheduler={"name": "StepLR", "kwargs": {"step_size": 1,
+                                                                                                     "gamma": 1e15}})
+    path = write_yaml(tmp_path / "exp.yaml", {**digits_experiment([arm], task_num=3), "name": "gem_vs_pycil"})
+    _exit_2([str(path), "--tracking-uri", uri, "--quiet"], capsys, "non-finite")
+    client = MlflowClient(uri)
+    parent = client.search_runs([client.get_experiment_by_name("gem_vs_pycil").experiment_id], "tags.kind = 'experiment'")[0]
+    child = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    (tmp_path / "docs").mkdir()
+    result = _report(tmp_path, "--tracking-uri", uri)
+    assert result.returncode == 0, result.stderr
+    record = (tmp_path / "docs" / "REPRODUCTION.md").read_text()
+    section = record.split("## In progress")[1].split("\n## ")[0]
+    # one epoch of 2 + 2 + 2 trained; the row names how it computes and the command that continues it
+    assert (f"| gem_vs_pycil | gem | 0 | `{child.info.run_id[:8]}` | 1 of 6 | cpu; "
+            f"{child.data.tags['precision']}; {child.data.tags['cpu_capability']} | "
+            f"`python -m harness.run --resume {parent.info.run_id}` |") in section
+    assert "| gem_vs_pycil | gem | task-0 within 1 point of pycil_gem (same recipe) | not run |" in record
 
 
 def test_welch_interval_needs_two_seeds_a_side() -> None:
@@ -154,11 +180,21 @@ def test_mlflow_server_on_a_clone_serves_every_recorded_run_and_its_artifacts(cl
 
 
 def test_the_committed_record_keeps_to_its_budget() -> None:
-    """At most 30 MB in all and 1 MB per run: params, metric histories, tags and small artifacts only."""
+    """At most 30 MB in all and 1 MB per run: params, metric histories, tags and small artifacts only; besides
+    them, only a run that has not finished carries a checkpoint (``artifacts/checkpoints/last.pt``, what a
+    later session resumes it from), at most 64 MB each."""
     store = ROOT / "mlruns"
+
+    def is_checkpoint(path: Path) -> bool:
+        return path.parent.name == "checkpoints" and path.parent.parent.name == "artifacts"
+
     files = [p for p in store.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    assert sum(p.stat().st_size for p in files if not is_checkpoint(p)) <= 30 * 2**20
     for run in store.glob("*/*/meta.yaml"):
-        size = sum(p.stat().st_size for p in run.parent.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in run.parent.rglob("*") if p.is_file() and not is_checkpoint(p))
         assert size <= 2**20, f"{run.parent} holds {size} bytes"
-    assert not [p for p in files if p.suffix in (".pt", ".pth", ".ckpt")]  # checkpoints live in the cache
+        checkpoints = [p for p in run.parent.rglob("*") if p.is_file() and is_checkpoint(p)]
+        if yaml.safe_load(run.read_text())["status"] == RunStatus.FINISHED:  # the file store keeps the number
+            assert not checkpoints, f"{run.parent}: a finished run keeps no checkpoint"
+        assert all(p.name == "last.pt" and p.stat().st_size <= 64 * 2**20 for p in checkpoints)
+    assert not [p for p in files if p.suffix in (".pt", ".pth", ".ckpt") and not is_checkpoint(p)]
