@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", help="engine seeds, comma-separated (0,1,2): every arm runs once per seed")
     parser.add_argument("--arms", help="run only these arms of the file, comma-separated")
     parser.add_argument("--smoke", action="store_true", help="every arm end to end on a small subset in about a "
-                        "minute (10 training images per class, 1 epoch, at most 3 tasks), recorded "
+                        "minute (5 training images per class, 1 epoch, at most 3 tasks), recorded "
                         "under <cache>/smoke-mlruns unless --tracking-uri is given")
     parser.add_argument("--dry-run", action="store_true", help="validate, print the resolved experiment and plan")
     parser.add_argument("--resume", metavar="PARENT_RUN_ID", help="continue an interrupted experiment")

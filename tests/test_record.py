@@ -14,7 +14,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from harness.report import welch_interval
@@ -59,18 +59,25 @@ def test_bad_seeds_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFi
     _exit_2([str(path), "--tracking-uri", "none", *args], capsys, needle)
 
 
-def test_a_resume_whose_checkpoint_is_gone_stops_and_names_run_and_path(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def _stopped_in_second_epoch(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+                             arm: str, experiment: str) -> tuple[str, Run, Run]:
+    """An experiment whose only arm stops in its second epoch (the loss diverges): the first epoch was
+    checkpointed. Returns the store's URI, the parent run and the arm's run."""
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
-    # the second epoch diverges: the first was checkpointed, then the arm stopped
-    arm = digits_arm("a", {"name": "finetune"}, epoch=1, lr_scheduler={"name": "StepLR", "kwargs": {"step_size": 1,
-                                                                                                    "gamma": 1e15}})
-    path = write_yaml(tmp_path / "exp.yaml", digits_experiment([arm], task_num=3))
-    _exit_2([str(path), "--tracking-uri", uri, "--quiet", "arms.a.epoch=2"], capsys, "non-finite")
+    diverging = digits_arm(arm, {"name": "finetune"}, epoch=2,
+                           lr_scheduler={"name": "StepLR", "kwargs": {"step_size": 1, "gamma": 1e15}})
+    path = write_yaml(tmp_path / "exp.yaml", {**digits_experiment([diverging], task_num=3), "name": experiment})
+    _exit_2([str(path), "--tracking-uri", uri, "--quiet"], capsys, "non-finite")
     client = MlflowClient(uri)
-    parent = client.search_runs([client.get_experiment_by_name("digits-test").experiment_id], "tags.kind = 'experiment'")[0]
+    parent = client.search_runs([client.get_experiment_by_name(experiment).experiment_id], "tags.kind = 'experiment'")[0]
     child = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    return uri, parent, child
+
+
+def test_a_resume_whose_checkpoint_is_gone_stops_and_names_run_and_path(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    uri, parent, child = _stopped_in_second_epoch(tmp_path, capsys, monkeypatch, "a", "digits-test")
     folder = Path(child.data.tags["checkpoint_dir"])
     assert folder == tmp_path / "cache" / "runs" / child.info.run_id / "checkpoints"  # the one documented place
     assert (folder / "last.pt").is_file()
@@ -82,16 +89,7 @@ def test_a_resume_whose_checkpoint_is_gone_stops_and_names_run_and_path(
 
 def test_the_report_lists_unfinished_runs_with_their_progress_and_resume_command(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
-    uri = f"sqlite:///{tmp_path / 'ml' / 'mlflow.db'}"
-    # an experiment the report knows, whose arm stops in its second epoch (the loss diverges)
-    arm = digits_arm("gem", {"name": "finetune"}, epoch=2, lr_scheduler={"name": "StepLR", "kwargs": {"step_size": 1,
-                                                                                                     "gamma": 1e15}})
-    path = write_yaml(tmp_path / "exp.yaml", {**digits_experiment([arm], task_num=3), "name": "gem_vs_pycil"})
-    _exit_2([str(path), "--tracking-uri", uri, "--quiet"], capsys, "non-finite")
-    client = MlflowClient(uri)
-    parent = client.search_runs([client.get_experiment_by_name("gem_vs_pycil").experiment_id], "tags.kind = 'experiment'")[0]
-    child = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")[0]
+    uri, parent, child = _stopped_in_second_epoch(tmp_path, capsys, monkeypatch, "gem", "gem_vs_pycil")  # a target
     (tmp_path / "docs").mkdir()
     result = _report(tmp_path, "--tracking-uri", uri)
     assert result.returncode == 0, result.stderr

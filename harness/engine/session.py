@@ -96,7 +96,7 @@ def only_arms(experiment: Experiment, names: str | None) -> Experiment:
     return dataclasses.replace(experiment, arms=[a for a in experiment.arms if a in arms])
 
 
-SMOKE = ["split.max_per_class=10", "arms.*.epoch=1", "arms.*.init_epoch=1"]
+SMOKE = ["split.max_per_class=5", "arms.*.epoch=1", "arms.*.init_epoch=1"]
 SMOKE_DOMAIN = ["split.samples_per_task=100"]
 SMOKE_TASKS = 3
 
