@@ -236,9 +236,9 @@ def comparison_line(comparison: Comparison, a: Row, b: Row) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
-def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo], list[str]]:
-    """Every target's rows from the store (finished arm runs grouped by recipe), the parents involved, and
-    the lines of the runs still in progress."""
+def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo], list[str], set[str]]:
+    """Every target's rows from the store (finished arm runs grouped by recipe), the parents involved, the
+    lines of the runs still in progress, and the (short) ids of every arm run the store holds."""
     rows: list[Row] = []
     parents: dict[str, RunInfo] = {}
     # Read each experiment's parents and each parent's children once, not once per target arm.
@@ -260,7 +260,8 @@ def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo],
         rows += sorted(groups.values(), key=lambda r: (_label(r.parent, r), r.runs[0].run_id))
     unfinished = [progress_line(tracker, parent, child) for found in experiments.values() for parent in found
                   if parent.status != "FINISHED" for child in children[parent.run_id] if child.status != "FINISHED"]
-    return rows, parents, sorted(dict.fromkeys(unfinished))
+    held = {c.run_id[:8] for found in children.values() for c in found}
+    return rows, parents, unfinished, held
 
 
 def progress_line(tracker: MlflowTracker, parent: RunInfo, child: RunInfo) -> str:
@@ -383,7 +384,7 @@ class Report:
 
 def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "reproduction") -> Report:
     """The new record text (nothing is written here) and the plots to place next to it."""
-    rows, parents, unfinished = collect_rows(tracker)
+    rows, parents, unfinished, held = collect_rows(tracker)
     known = {r.run_id[:8] for row in rows for r in row.runs} | {p[:8] for p in parents}
     sections = parse_sections(existing)
     old_runs = table_rows(sections.get(RUNS, []))
@@ -414,6 +415,11 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
             figure = f"{row.target.experiment}-comparison-{key}.png"
             figures[figure] = (row.parent.run_id, "comparison.png")
             blocks[key] += [f"![ACC / BWT / FWT per method and the first task's accuracy]({figures_dir}/{figure})", ""]
+    # A run in progress elsewhere (the store read here does not hold it) keeps its line until a store that
+    # holds the run is read: then the line is regenerated, or dropped once the run has finished.
+    unfinished += [line for line in table_rows(sections.get(IN_PROGRESS, []))
+                   if RUN_ID.search(line) and not set(RUN_ID.findall(line)) & held]
+    unfinished = sorted(dict.fromkeys(unfinished))
     paper = paper_lines(rows)
     old_paper = [line for line in table_rows(sections.get(PAPER, [])) if not line.startswith("| method |")]
     if not any(RUN_ID.search(line) for line in paper) and any(RUN_ID.search(line) for line in old_paper):
