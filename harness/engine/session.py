@@ -135,6 +135,8 @@ def start(args: argparse.Namespace) -> int:
     print(f"parent run {parent.run_id} ({tracker.description})", flush=True)
     parent.log_params({"split": split_params(experiment, split), "arms": [a.name for a in experiment.arms],
                        "seeds": experiment.seeds})
+    # A metric from the start: a committed parent with an empty metrics/ folder would be lost by git.
+    parent.log_metrics({"planned_runs": len(experiment.seeded_arms())})
     with tempfile.TemporaryDirectory() as tmp:  # what --resume compares the experiment file against
         resolved = Path(tmp) / RESOLVED
         resolved.write_text(yaml.safe_dump(experiment.raw, sort_keys=False))

@@ -449,6 +449,18 @@ def file_store_path(uri: str) -> Path | None:
     return Path(uri) if ":" not in uri else None
 
 
+RUN_FOLDERS = ("metrics", "params", "tags", "artifacts")
+
+
+def restore_empty_folders(store: Path) -> None:
+    """Git keeps no empty folder, and MLflow's file store reports a run whose ``metrics/`` (or ``params/``,
+    ``tags/``, ``artifacts/``) folder is missing as not found: a committed run that has logged no metric
+    yet (an experiment's parent until its arms finish) would vanish from every clone. Recreate them."""
+    for meta in store.glob("*/*/meta.yaml"):
+        for name in RUN_FOLDERS:
+            (meta.parent / name).mkdir(exist_ok=True)
+
+
 def keep_relocatable(uri: str, experiment_id: str) -> None:
     """A file store named by a relative path (the default ``mlruns``, the committed record) keeps a relative
     artifact location, so its runs' artifacts resolve in any clone. MLflow's file store writes the absolute
@@ -495,6 +507,8 @@ def make_tracker(uri: str | None, experiment: str | None, local_dir: str = "harn
             probe.unlink()
         except OSError as exc:
             raise UserError(f"{folder}: MLflow store is not writable ({exc.strerror})") from None
+    if store is not None:
+        restore_empty_folders(store)
     if uri.startswith(("http://", "https://")):
         wait_for_server(uri)
     return MlflowTracker(uri, experiment)
