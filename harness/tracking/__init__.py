@@ -263,9 +263,13 @@ class MlflowTracker(Tracker):
             local = self.download_artifact(run_id, path, Path(tmp))
             return local.read_text() if local is not None else None
 
-    def download_artifact(self, run_id: str, path: str, dest: Path) -> Path | None:
+    def _has_artifact(self, run_id: str, path: str) -> bool:
+        """Whether the run lists ``path`` (a file or a folder) among its artifacts."""
         folder = path.rpartition("/")[0] or None
-        if path not in {a.path for a in self.client.list_artifacts(run_id, folder)}:
+        return any(a.path == path for a in self.client.list_artifacts(run_id, folder))
+
+    def download_artifact(self, run_id: str, path: str, dest: Path) -> Path | None:
+        if not self._has_artifact(run_id, path):
             return None
         dest.mkdir(parents=True, exist_ok=True)
         return Path(self.client.download_artifacts(run_id, path, str(dest)))
@@ -273,8 +277,7 @@ class MlflowTracker(Tracker):
     def delete_artifacts(self, run_id: str, path: str) -> None:
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        folder = path.rpartition("/")[0] or None
-        if any(a.path == path for a in self.client.list_artifacts(run_id, folder)):
+        if self._has_artifact(run_id, path):
             repository = get_artifact_repository(self.client.get_run(run_id).info.artifact_uri, tracking_uri=self.uri)
             repository.delete_artifacts(path)
 
