@@ -178,8 +178,11 @@ def welch_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tuple[f
 
 
 def recipe_key(info: RunInfo) -> str:
-    """What makes runs seeds of one recipe: every parameter but NOT_RECIPE, plus device and precision."""
-    params = sorted((k, v) for k, v in info.params.items() if not k.startswith(NOT_RECIPE))
+    """What makes runs seeds of one recipe: every parameter but NOT_RECIPE, plus device and precision.
+
+    A parameter logged as ``None`` counts as absent: a key the config gained later (``split.max_per_class``)
+    defaults to null, which is what the runs recorded before it did, so it does not split their row."""
+    params = sorted((k, v) for k, v in info.params.items() if not k.startswith(NOT_RECIPE) and v != "None")
     text = repr((params, info.tags.get("device"), info.tags.get("precision", "fp32"), info.tags.get("memory_format")))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -17,9 +17,9 @@ import yaml
 from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
-from harness.report import welch_interval
+from harness.report import recipe_key, welch_interval
 from harness.run import main
-from harness.tracking import MlflowTracker
+from harness.tracking import MlflowTracker, RunInfo
 from tests.conftest import ROOT, digits_arm, digits_experiment, expect_exit_2, mlflow_server, rest, write_yaml
 
 
@@ -109,6 +109,17 @@ def test_welch_interval_needs_two_seeds_a_side() -> None:
     assert welch_interval([0.70, 0.72], [0.80]) is None
     low, high = welch_interval([0.70, 0.72, 0.71], [0.80, 0.82, 0.79])
     assert low < -0.08 < high < 0
+
+
+def test_a_key_added_later_with_a_null_default_keeps_older_runs_in_their_row() -> None:
+    def run(**params: str) -> RunInfo:
+        return RunInfo("r", "gem seed=0", "FINISHED", "e", {"device": "cpu", "precision": "fp32"},
+                       {"epoch": "80", "engine.seed": "0", **params}, {})
+
+    older, newer = run(), run(**{"split.max_per_class": "None", "engine.seed": "1"})
+    assert recipe_key(older) == recipe_key(newer)
+    assert recipe_key(run(**{"split.max_per_class": "5"})) != recipe_key(older)  # a set value is a recipe
+    assert recipe_key(run(epoch="200")) != recipe_key(older)
 
 
 def _git(*args: str, cwd: Path) -> str:
