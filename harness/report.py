@@ -406,17 +406,21 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
 
     figures: dict[str, tuple[str, str]] = {}
     blocks = {k: v for k, v in plot_blocks(sections.get(PLOTS, [])).items() if k not in known}
-    for row in rows:
-        key = row.parent.run_id[:8]
+    # One block per experiment run behind a row: a row that gains a later run of its recipe keeps the
+    # plot of the earlier one.
+    behind = [(row, parents[pid]) for row in rows
+              for pid in dict.fromkeys(r.tags.get("mlflow.parentRunId", row.parent.run_id) for r in row.runs)]
+    for row, parent in behind:
+        key = parent.run_id[:8]
         if key in blocks:
             continue
         name = f"{row.target.experiment}-{key}.png"
-        figures[name] = (row.parent.run_id, "arms_cil.png")
-        blocks[key] = [f"### {row.target.experiment} ({_label(row.parent, row)}, run `{key}`)", "",
+        figures[name] = (parent.run_id, "arms_cil.png")
+        blocks[key] = [f"### {row.target.experiment} ({_label(parent, row)}, run `{key}`)", "",
                        f"![CIL accuracy after each task]({figures_dir}/{name})", ""]
         if row.target.paper_protocol:
             figure = f"{row.target.experiment}-comparison-{key}.png"
-            figures[figure] = (row.parent.run_id, "comparison.png")
+            figures[figure] = (parent.run_id, "comparison.png")
             blocks[key] += [f"![ACC / BWT / FWT per method and the first task's accuracy]({figures_dir}/{figure})", ""]
     # A run in progress elsewhere (the store read here does not hold it) keeps its line until a store that
     # holds the run is read: then the line is regenerated, or dropped once the run has finished.

@@ -132,3 +132,12 @@ def test_reproduction_report_reads_runs_back_from_mlflow(tmp_path: Path, mlflow_
     assert report(["--tracking-uri", mlflow_uri, "--out", str(output)]) == 0
     gem_row = next(line for line in output.read_text().splitlines() if line.startswith("| gem_vs_pycil | gem |"))
     assert f"task-0 {task0:.3f}" in gem_row and "experiment killed" in gem_row
+
+    # Another command, another seed of the same recipe: one row of two seeds, and each run keeps its plot.
+    assert main([str(tmp_path / "exp.yaml"), "--tracking-uri", mlflow_uri, "--quiet", "--seeds", "5"]) == 0
+    assert report(["--tracking-uri", mlflow_uri, "--out", str(output)]) == 0
+    text = output.read_text()
+    gem_rows = [line for line in text.splitlines() if line.startswith("| gem_vs_pycil | gem |")]
+    assert len(gem_rows) == 1 and "(n=2)" in gem_rows[0]
+    plots = list((output.parent / "reproduction").glob("gem_vs_pycil-*.png"))
+    assert len(plots) == 2 and all(f"reproduction/{plot.name}" in text for plot in plots)
