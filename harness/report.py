@@ -113,7 +113,7 @@ COMPARE = "## Comparisons"
 SEARCHES = "## Searches"
 PLOTS = "## Plots"
 IN_PROGRESS = "## In progress"
-PROGRESS_HEADER = ["| experiment | arm | seed | run | epochs trained | device; precision; CPU | continue with |",
+PROGRESS_HEADER = ["| experiment | arm | seed | run | trained so far | device; precision; CPU | continue with |",
                    "|---|---|---|---|---|---|---|"]
 RUNS_HEADER = ["| experiment | arm | published / target | measured: mean ± std over seeds | wall s (mean) | "
                "device; precision; size | seeds | commits | runs |", "|---|---|---|---|---|---|---|---|---|"]
@@ -274,8 +274,29 @@ def progress_line(tracker: MlflowTracker, parent: RunInfo, child: RunInfo) -> st
     trained = len(tracker.metric_history(child.run_id, "epoch_train_loss"))
     how = f"{child.tags.get('device', '?')}; {child.tags.get('precision', '?')}; {child.tags.get('cpu_capability', '-')}"
     cells = [parent.experiment, child.tags.get("arm", child.name), child.tags.get("seed", "?"), f"`{child.run_id[:8]}`",
-             f"{trained} of {total}", how, f"`python -m harness.run --resume {parent.run_id}`"]
+             f"{trained} of {total} epochs", how, f"`python -m harness.run --resume {parent.run_id}`"]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def study_progress_lines(tracker: MlflowTracker) -> tuple[list[str], set[str]]:
+    """Studies that have not finished: how many trials have (complete or pruned), and the command that
+    carries them on (the same command that started them); and the (short) ids of every study the store holds."""
+    lines, held = [], set()
+    for name in STUDIES:
+        for study in tracker.runs_of_kind(name, "study", finished_only=False):
+            held.add(study.run_id[:8])
+            if study.status == "FINISHED" and study.tags.get("state", "COMPLETE") == "COMPLETE":
+                continue
+            trials = sorted((c for c in tracker.children(study.run_id) if c.tags.get("kind") == "trial"),
+                            key=lambda c: int(c.tags.get("trial", 0)))
+            done = sum(c.tags.get("state") in ("COMPLETE", "PRUNED") for c in trials)
+            last = trials[-1].tags if trials else {}
+            how = f"{last.get('device', '?')}; {last.get('precision', '?')}; {last.get('cpu_capability', '-')}"
+            cells = [study.tags.get("study", name), study.params.get("search.arm", "?"), "-", f"`{study.run_id[:8]}`",
+                     f"{done} of {study.tags.get('n_trials', '?')} trials", how,
+                     f"`python -m harness.tune experiments/{name}.yaml`"]
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines, held
 
 
 def comparison_lines(rows: list[Row]) -> list[str]:
@@ -310,13 +331,22 @@ def paper_lines(rows: list[Row]) -> list[str]:
     return lines
 
 
+def _test_score(metrics: dict[str, float]) -> str:
+    """The best recipe's test score: mean ± std over its re-runs' seeds, and how many."""
+    n = int(metrics.get("best_test_n", 1))
+    spread = f" ± {_fmt(metrics['best_test_std'])}" if n > 1 and "best_test_std" in metrics else ""
+    return f"{_fmt(metrics.get('best_test_value'))}{spread} (n={n})" if "best_test_value" in metrics else "-"
+
+
 def search_lines(tracker: MlflowTracker) -> list[str]:
     lines = []
     for name in STUDIES:
         for study in sorted(tracker.runs_of_kind(name, "study"), key=lambda s: s.run_id):
-            best = {k.removeprefix("best."): v for k, v in sorted(study.params.items()) if k.startswith("best.")}
+            if study.tags.get("state", "COMPLETE") != "COMPLETE":
+                continue  # carried on by a later call: the progress section counts its trials
+            best = {k.removeprefix("best."): v for k, v in sorted(study.tags.items()) if k.startswith("best.")}
             lines.append(f"| {study.tags.get('study')} | {_fmt(study.metrics.get('best_value'))} | "
-                         f"{_fmt(study.metrics.get('best_test_value'))} | {_cell(str(best))} | "
+                         f"{_test_score(study.metrics)} | {_cell(str(best))} | "
                          f"{int(study.metrics.get('n_trials', 0))} | {_fmt(study.metrics.get('wall_seconds'), 0)} | "
                          f"{study.tags.get('git_commit', '?')} |")
     return lines
@@ -424,8 +454,10 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
             blocks[key] += [f"![ACC / BWT / FWT per method and the first task's accuracy]({figures_dir}/{figure})", ""]
     # A run in progress elsewhere (the store read here does not hold it) keeps its line until a store that
     # holds the run is read: then the line is regenerated, or dropped once the run has finished.
+    studies, studies_held = study_progress_lines(tracker)
+    unfinished += studies
     unfinished += [line for line in table_rows(sections.get(IN_PROGRESS, []))
-                   if RUN_ID.search(line) and not set(RUN_ID.findall(line)) & held]
+                   if RUN_ID.search(line) and not set(RUN_ID.findall(line)) & (held | studies_held)]
     unfinished = sorted(dict.fromkeys(unfinished))
     paper = paper_lines(rows)
     old_paper = [line for line in table_rows(sections.get(PAPER, [])) if not line.startswith("| method |")]
@@ -441,9 +473,10 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
              "equal_var=False). The interval needs at least two seeds on each side.", "",
              *COMPARE_HEADER, *(sorted(dict.fromkeys(compare)) or ["| - | no comparable rows yet | | | | | |"]), "",
              SEARCHES, "", *SEARCH_HEADER, *searches, "", IN_PROGRESS, "",
-             "Arm runs whose experiment has not finished, with the epochs they have trained so far (not results:",
-             "their rows above say \"not run\" until they finish). A later session continues each from the checkpoint",
-             "its run carries in the record.", "", *PROGRESS_HEADER, *(unfinished or ["| - | none | | | | | |"]), ""]
+             "Arm runs whose experiment has not finished, with the epochs they have trained so far, and studies",
+             "that have not finished, with their finished trials (not results: their rows above say \"not run\" until",
+             "they finish). A later session continues each from the checkpoint its run carries in the record.", "",
+             *PROGRESS_HEADER, *(unfinished or ["| - | none | | | | | |"]), ""]
     for title, body in sections.items():  # sections the report does not write are kept as they are
         if title not in ("", PAPER, RUNS, COMPARE, SEARCHES, IN_PROGRESS, PLOTS):
             lines += [title, *body]

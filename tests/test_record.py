@@ -96,7 +96,7 @@ def test_the_report_lists_unfinished_runs_with_their_progress_and_resume_command
     record = (tmp_path / "docs" / "REPRODUCTION.md").read_text()
     section = record.split("## In progress")[1].split("\n## ")[0]
     # one epoch of 2 + 2 + 2 trained; the row names how it computes and the command that continues it
-    assert (f"| gem_vs_pycil | gem | 0 | `{child.info.run_id[:8]}` | 1 of 6 | cpu; "
+    assert (f"| gem_vs_pycil | gem | 0 | `{child.info.run_id[:8]}` | 1 of 6 epochs | cpu; "
             f"{child.data.tags['precision']}; {child.data.tags['cpu_capability']} | "
             f"`python -m harness.run --resume {parent.info.run_id}` |") in section
     assert "| gem_vs_pycil | gem | task-0 within 1 point of pycil_gem (same recipe) | not run |" in record

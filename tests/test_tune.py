@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
 import optuna
 import pandas as pd
 import pytest
+import torch
 
 from harness.tracking import make_tracker
-from harness.tune.study import run_study
+from harness.tune.study import run_study, storage_of
 from tests.conftest import ROOT, digits_arm, digits_experiment, write_yaml
 
 SEARCH = {"arm": "gem", "objective": "cil_acc", "n_trials": 3, "val_fraction": 0.2,
@@ -143,11 +147,171 @@ def test_two_workers_share_one_study_and_the_best_recipe_is_rerun_once(tmp_path:
     storage = f"journal:{tmp_path / 'optuna.journal'}"
     assert main([str(tune_file(tmp_path)), "--workers", "2", "--n-trials", "3", "--storage", storage, "--study", "w",
                  "--tracking-uri", mlflow_uri, "--quiet"]) == 0
-    from harness.tune.study import storage_of
-
     trials = optuna.load_study(study_name="w", storage=storage_of(storage)).trials
     assert sorted(t.number for t in trials) == [0, 1, 2]  # split 2 + 1 over the workers, no number twice
     mlflow.set_tracking_uri(mlflow_uri)
     runs = mlflow.search_runs(experiment_names=["tune-test"])
     assert (runs["tags.kind"] == "study").sum() == 1  # one parent, created before the workers started
     assert (runs["tags.kind"] == "best_rerun").sum() == 1
+
+
+# -- a study across sessions: interrupted trials continue, the total holds, the best recipe is re-run per seed --
+def _start_tune(path: Path, storage: str, uri: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "harness.tune", str(path), "--storage", storage, "--study", "long",
+                             "--tracking-uri", uri, "--quiet"], cwd=path.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _checkpoints(cache: Path) -> dict[str, dict]:
+    """Run id -> the loop state of that run's checkpoint in ``cache``, for every readable one."""
+    found = {}
+    for path in cache.rglob("checkpoints/last.pt"):
+        try:
+            found[path.parent.parent.name] = torch.load(path, weights_only=True)["loop"]
+        except Exception:  # a checkpoint being replaced right now
+            continue
+    return found
+
+
+def _interrupt_after(proc: subprocess.Popen, cache: Path, sig: int, epochs: int, skip: str = "") -> str:
+    """Send ``sig`` once a run other than ``skip`` has a checkpoint past ``epochs`` epochs of task 1
+    (mid-task); returns that run's id."""
+    deadline = time.monotonic() + 300
+    while True:
+        for run_id, loop in _checkpoints(cache).items():
+            if run_id != skip and loop["task"] == 1 and loop["epoch"] >= epochs:
+                proc.send_signal(sig)
+                return run_id
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no checkpoint mid-trial"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_an_interrupted_trial_is_continued_from_its_checkpoint_to_the_same_value(
+        tmp_path: Path, sig: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # where the trials' checkpoints go
+    raw = digits_experiment([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=12)], task_num=3)
+    raw["name"] = "tune-test"
+    raw["search"] = {**SEARCH, "n_trials": 2, "pruner": {"name": "none"}}
+    path = write_yaml(tmp_path / "tune.yaml", raw)
+    reference = run_study(str(path), [], make_tracker(f"sqlite:///{tmp_path / 'ref' / 'mlflow.db'}", "tune-test"),
+                          storage=f"journal:{tmp_path / 'ref' / 'optuna.journal'}", study_name="long", rerun_best=False)
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", f"journal:{tmp_path / 'mlruns' / 'optuna.journal'}"
+    proc = _start_tune(path, storage, uri)
+    _interrupt_after(proc, tmp_path / "cache", sig, epochs=4)
+    _, err = proc.communicate(timeout=120)
+    study = optuna.load_study(study_name="long", storage=storage_of(storage))
+    (stopped,) = study.trials
+    run_id = stopped.user_attrs["mlflow_run_id"]
+    client = mlflow.tracking.MlflowClient(uri)
+    if sig == signal.SIGINT:  # the trial and its run are marked; the study stops instead of going on to trial 1
+        assert proc.returncode == 130
+        assert err.strip().splitlines()[-1].startswith("interrupted: ")
+        assert f"continue with: python -m harness.tune {path}" in err
+        assert stopped.state == optuna.trial.TrialState.FAIL and "interrupted" in stopped.user_attrs
+        assert client.get_run(run_id).info.status == "KILLED"
+        assert client.get_run(run_id).data.tags["state"] == "INTERRUPTED"
+    else:  # a SIGKILL leaves the trial RUNNING in the study, with the pid of a process that is gone
+        assert proc.returncode == -signal.SIGKILL and stopped.state == optuna.trial.TrialState.RUNNING
+        shutil.rmtree(tmp_path / "cache")  # and a fresh machine continues it from the record alone
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == ["checkpoints/last.pt"]
+
+    again = run_study(str(path), [], make_tracker(uri, "tune-test"), storage=storage, study_name="long",
+                      rerun_best=False)
+    first, continued, new = again.study.trials
+    assert first.state == optuna.trial.TrialState.FAIL and "interrupted" in first.user_attrs
+    assert continued.user_attrs["continues"] == 0 and continued.params == first.params
+    assert continued.user_attrs["mlflow_run_id"] == run_id  # trained on in the same MLflow run
+    assert new.state == continued.state == optuna.trial.TrialState.COMPLETE  # 2 finished trials: search.n_trials
+    # exactly what the uninterrupted study's first trial gave, and each epoch's value reported once
+    assert continued.value == reference.study.trials[0].value
+    assert continued.intermediate_values == reference.study.trials[0].intermediate_values
+    steps = [m.step for m in client.get_metric_history(run_id, "epoch_val_acc")]
+    assert sorted(steps) == list(range(1, 3 * 12 + 1))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["trial"] == "1" and run.data.tags["continues_trial"] == "0"
+    assert client.list_artifacts(run_id, "checkpoints") == []  # a finished trial keeps no checkpoint
+
+
+def test_the_study_runs_up_to_n_trials_and_reruns_the_best_recipe_once_per_seed(tmp_path: Path, mlflow_uri: str) -> None:
+    from harness.report import _test_score
+
+    raw = digits_experiment([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=2)], task_num=3)
+    raw.update(name="tune-test", seeds=[0, 1], search={**SEARCH, "n_trials": 3})
+    path = write_yaml(tmp_path / "tune.yaml", raw)
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    tracker = make_tracker(mlflow_uri, "tune-test")
+    part = run_study(str(path), [], tracker, storage=storage, study_name="t", n_trials=1, rerun_best=False)
+    assert len(part.study.trials) == 1
+    whole = run_study(str(path), [], tracker, storage=storage, study_name="t")  # a later call: up to search.n_trials
+    assert len(whole.study.trials) == 3 and len(whole.test_values) == 2
+    assert whole.test_value == pytest.approx(sum(whole.test_values) / 2)
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["tune-test"])
+    reruns = runs[runs["tags.kind"] == "best_rerun"]
+    assert sorted(reruns["tags.seed"]) == ["0", "1"] and set(reruns["params.engine.seed"]) == {"0", "1"}
+    assert (reruns["tags.trial"] == str(whole.study.best_trial.number)).all()
+    assert sorted(reruns["metrics.objective_test"]) == sorted(whole.test_values)
+    assert whole.study.user_attrs["best_test_values"] == whole.test_values
+
+    again = run_study(str(path), [], tracker, storage=storage, study_name="t")  # nothing left: no trial, no re-run
+    assert len(again.study.trials) == 3 and again.test_values == whole.test_values
+    runs = mlflow.search_runs(experiment_names=["tune-test"])
+    assert (runs["tags.kind"] == "best_rerun").sum() == 2
+    parent = runs[runs["tags.kind"] == "study"].iloc[0]
+    assert parent["metrics.best_test_n"] == 2 and parent["tags.best.trial"] == str(whole.study.best_trial.number)
+    shown = _test_score({k.removeprefix("metrics."): v for k, v in parent.items() if k.startswith("metrics.")})
+    assert shown == f"{whole.test_value:.3f} ± {pd.Series(whole.test_values).std():.3f} (n=2)"
+
+
+def test_an_interrupted_rerun_of_the_best_recipe_continues(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    raw = digits_experiment([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=12)], task_num=3)
+    raw.update(name="tune-test", search={**SEARCH, "n_trials": 1, "pruner": {"name": "none"}})
+    path = write_yaml(tmp_path / "tune.yaml", raw)
+    uri, storage = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", f"journal:{tmp_path / 'optuna.journal'}"
+    proc = _start_tune(path, storage, uri)
+    # the trial's checkpoints come first (it is dropped when the trial ends), then the re-run's
+    deadline = time.monotonic() + 300
+    while not _checkpoints(tmp_path / "cache"):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    (trial_run,) = _checkpoints(tmp_path / "cache")
+    rerun = _interrupt_after(proc, tmp_path / "cache", signal.SIGINT, epochs=3, skip=trial_run)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    mlflow.set_tracking_uri(uri)
+    assert mlflow.tracking.MlflowClient(uri).get_run(rerun).info.status == "KILLED"
+
+    outcome = run_study(str(path), [], make_tracker(uri, "tune-test"), storage=storage, study_name="long")
+    assert len(outcome.study.trials) == 1  # no trial re-run: the study had its one
+    runs = mlflow.search_runs(experiment_names=["tune-test"], filter_string="tags.kind = 'best_rerun'")
+    assert list(runs["run_id"]) == [rerun] and runs["status"].tolist() == ["FINISHED"]
+    steps = [m.step for m in mlflow.tracking.MlflowClient(uri).get_metric_history(rerun, "epoch_train_loss")]
+    assert sorted(steps) == list(range(3 * 12))  # continued, not started over
+
+
+def test_the_record_counts_an_unfinished_study_in_progress_and_lists_it_once_complete(tmp_path: Path,
+                                                                                      mlflow_uri: str) -> None:
+    from harness.report import search_lines, study_progress_lines
+
+    raw = digits_experiment([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=2)], task_num=3)
+    raw.update(name="tune_task0", search={**SEARCH, "n_trials": 2})  # named as the record's study
+    path = write_yaml(tmp_path / "tune.yaml", raw)
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    tracker = make_tracker(mlflow_uri, "tune_task0")
+    part = run_study(str(path), [], tracker, storage=storage, n_trials=1)
+    (line,), held = study_progress_lines(tracker)
+    assert held == {part.parent_run_id[:8]}
+    assert line.startswith(f"| tune_task0 | gem | - | `{part.parent_run_id[:8]}` | 1 of 2 trials | cpu; fp32; ")
+    assert line.endswith("| `python -m harness.tune experiments/tune_task0.yaml` |")
+    assert search_lines(tracker) == []  # no result before the study has its trials and its re-run
+
+    whole = run_study(str(path), [], tracker, storage=storage)
+    assert whole.parent_run_id == part.parent_run_id and len(whole.study.trials) == 2
+    assert study_progress_lines(tracker)[0] == []
+    (row,) = search_lines(tracker)
+    assert row.startswith(f"| tune_task0 | {whole.best_value:.3f} | {whole.test_value:.3f} (n=1) | ")

@@ -120,7 +120,7 @@ def run_name(arm: ArmRecipe, experiment: Experiment) -> str:
     return f"{arm.name} seed={arm.engine.seed}" if experiment.seeds and len(experiment.seeds) > 1 else arm.name
 
 
-def _resume_checkpoint(run: Run, arm: ArmRecipe, folder: Path, restart: bool) -> dict[str, Any] | None:
+def resume_checkpoint(run: Run, arm: ArmRecipe, folder: Path, restart: bool) -> dict[str, Any] | None:
     """The interrupted run's checkpoint: the one in this machine's ``folder`` or the copy in the run's
     artifacts (a later session on a fresh machine, a clone of the record), whichever had come further. A
     missing one stops the resume unless ``restart`` (``--force``)."""
@@ -184,7 +184,7 @@ def _run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Trac
         folder = run_work_dir(run.run_id)
     else:
         run = resume_run
-        checkpoint = _resume_checkpoint(run, arm, folder / CHECKPOINTS, restart)
+        checkpoint = resume_checkpoint(run, arm, folder / CHECKPOINTS, restart)
         recorded = tracker.info(run.run_id).tags
         arm = recorded_precision(arm, recorded)
         tracker.reopen(run.run_id)

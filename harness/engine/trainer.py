@@ -371,11 +371,11 @@ class ArmTrainer:
         s.perm, s.step, s.loss_sum, s.correct, s.seen = None, 0, 0.0, 0, 0
         s.epoch += 1
         s.global_epoch += 1
+        if self.on_epoch is not None:  # before a stop, so the checkpoint follows everything the epoch reported
+            self.on_epoch(self, task, s.epoch - 1)
         if stop.raised:
             self.checkpoint()
             raise Interrupted(f"{self.arm.name}: interrupted in task {task} after epoch {s.epoch}")
-        if self.on_epoch is not None:
-            self.on_epoch(self, task, s.epoch - 1)
 
     def _log_task(self, task: int, rows: dict[str, np.ndarray], seconds: float) -> None:
         sizes = self.evaluator.sizes

@@ -148,9 +148,14 @@ class Tracker:
     def children(self, parent_id: str) -> list[RunInfo]:
         raise NotImplementedError
 
+    def metric_steps(self, run_id: str, key: str) -> dict[int, float]:
+        """The metric's value at each step it was logged at (the last value logged there), by step."""
+        raise NotImplementedError
+
     def metric_history(self, run_id: str, key: str) -> list[float]:
         """The metric's values ordered by step (the last value logged at each step)."""
-        raise NotImplementedError
+        by_step = self.metric_steps(run_id, key)
+        return [by_step[k] for k in sorted(by_step)]
 
 
 @dataclass
@@ -317,9 +322,8 @@ class MlflowTracker(Tracker):
                                        max_results=limit)
         return [self._info(r, experiment) for r in runs]
 
-    def metric_history(self, run_id: str, key: str) -> list[float]:
-        by_step = {m.step: m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
-        return [by_step[k] for k in sorted(by_step)]
+    def metric_steps(self, run_id: str, key: str) -> dict[int, float]:
+        return {m.step: m.value for m in sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
 
 
 class FolderTracker(Tracker):
@@ -413,9 +417,8 @@ class FolderTracker(Tracker):
         path = self._path(run_id, "metrics.jsonl")
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
-    def metric_history(self, run_id: str, key: str) -> list[float]:
-        by_step = {r["step"]: r["value"] for r in self._records(run_id) if r["key"] == key}
-        return [by_step[k] for k in sorted(by_step)]
+    def metric_steps(self, run_id: str, key: str) -> dict[int, float]:
+        return {r["step"]: r["value"] for r in self._records(run_id) if r["key"] == key}
 
     def info(self, run_id: str) -> RunInfo:
         if not (self.root / run_id / "meta.json").is_file():

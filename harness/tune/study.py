@@ -3,17 +3,25 @@
 Trials train on the split's training data minus a held-out validation part (``search.val_fraction`` of each
 class) and are scored on it, never on the test set; a task-0 objective stops after task 0. Each trial
 reports validation accuracy after every epoch so the pruner can stop bad trials early. When the study
-ends, the best recipe is trained once more and scored on the test split: that is the number reported.
+holds ``search.n_trials`` finished trials, the best recipe is trained again once per engine seed of the
+file's ``seeds`` (else its arm's seed) and scored on the test split: that mean is the number reported.
+
+A study spans sessions: every trial and re-run checkpoints each epoch into its MLflow run, a trial that was
+interrupted is continued from there (``harness.tune.resume``), and the same command, run again, carries
+the study on to its ``n_trials`` and its re-runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,13 +31,26 @@ import pandas as pd
 
 from harness.config.experiment import Experiment, load_experiment
 from harness.engine.progress import Progress
-from harness.engine.runner import arm_steps, build_split, git_commit, split_params
-from harness.engine.trainer import ArmTrainer, resolve_device
-from harness.errors import UserError
+from harness.engine.runner import arm_steps, build_split, git_commit, recorded_precision, resume_checkpoint, split_params
+from harness.engine.trainer import CHECKPOINTS, ArmTrainer, resolve_device
+from harness.errors import Interrupted, UserError
 from harness.tracking import Run, Tracker
+from harness.tune.resume import (
+    CONTINUES_ATTR,
+    HEARTBEAT_ATTR,
+    INTERRUPTED_ATTR,
+    RUN_ATTR,
+    STALE_AFTER,
+    WORKER_ATTR,
+    enqueue_continuations,
+    fail_abandoned,
+    replay,
+    worker_id,
+)
 from harness.tune.space import TASK0_OBJECTIVES, Dimension, SearchOptions, parse_search
 
 PARENT_ATTR = "mlflow_parent_run_id"
+FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
 @dataclass
@@ -37,7 +58,8 @@ class StudyOutcome:
     study: optuna.Study
     best_params: dict[str, Any]
     best_value: float
-    test_value: float
+    test_value: float  # the mean over the re-runs' seeds
+    test_values: list[float]
     top: pd.DataFrame
     parent_run_id: str
     seconds: float
@@ -113,6 +135,9 @@ class Tuner:
         self.options, self.dims = parse_search(base.search, [a.name for a in base.arms], path)
         self.base = base
         self.task0 = self.options.objective in TASK0_OBJECTIVES
+        # A variant is another search problem (the quick one trains 2 epochs): it gets a study of its own.
+        self.study_name = self.options.study or (f"{base.name}-{variant}" if variant else base.name)
+        self.test_seeds = base.seeds or [base.arm(self.options.arm).engine.seed]
 
     def experiment_for(self, values: dict[str, Any], evaluate_on: str) -> Experiment:
         arm = self.options.arm
@@ -133,12 +158,22 @@ class Tuner:
                             f"known: {', '.join(sorted(summary))}")
         return float(summary[self.options.objective])
 
-    def train(self, values: dict[str, Any], run: Run, evaluate_on: str, trial: optuna.Trial | None) -> float:
+    def train(self, values: dict[str, Any], run: Run, evaluate_on: str, trial: optuna.Trial | None, *,
+              seed: int | None = None, resume: bool = False) -> float:
+        """Train the arm with ``values`` into ``run`` and return the objective. ``resume``: ``run`` was
+        interrupted; continue it from its last checkpoint (from the start if it never wrote one). Until the
+        arm finishes, its run's artifacts hold its checkpoint, so a later session on any machine continues it."""
         experiment = self.experiment_for(values, evaluate_on)
         arm = experiment.arm(self.options.arm)
+        if seed is not None:
+            arm = dataclasses.replace(arm, engine=dataclasses.replace(arm.engine, seed=seed))
         split = build_split(experiment)
-        run.log_params({"split": split_params(experiment, split), **arm.to_dict()})
+        folder = run.local_dir() / CHECKPOINTS
+        run.log_params({"split": split_params(experiment, split), **arm.to_dict()})  # the same values on a resume
         run.set_tags({"split_hash": split.digest, "device": str(resolve_device(arm.engine.device))})
+        checkpoint = resume_checkpoint(run, arm, folder, restart=True) if resume else None
+        if checkpoint is not None:  # computes on as it started, whatever ``auto`` picks on this machine
+            arm = recorded_precision(arm, run.tracker.info(run.run_id).tags)
 
         def report(trainer: ArmTrainer, task: int, epoch: int) -> None:
             if trial is None:
@@ -148,20 +183,32 @@ class Tuner:
             value = float((row[: task + 1] * sizes).sum() / sizes.sum())  # accuracy on the tasks seen so far
             step = trainer.state.global_epoch
             run.log_metrics({"epoch_val_acc": value}, step)
+            trial.set_user_attr(HEARTBEAT_ATTR, time.time())
             trial.report(value, step)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {step} (validation accuracy {value:.4f})")
 
+        if trial is not None and checkpoint is not None:
+            replay(trial, run.tracker.metric_steps(run.run_id, "epoch_val_acc"), checkpoint["loop"]["global_epoch"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned on its predecessor's curve at epoch {checkpoint['loop']['global_epoch']}")
         last_task = 0 if self.task0 else None
         progress = Progress(arm_steps(arm, split, last_task), enabled=self.show_progress)
-        trainer = ArmTrainer(arm, split, run, progress, evaluate_on=evaluate_on, last_task=last_task, on_epoch=report)
+        trainer = ArmTrainer(arm, split, run, progress, evaluate_on=evaluate_on, last_task=last_task, on_epoch=report,
+                             checkpoint_dir=folder, on_checkpoint=lambda path: run.log_artifact(path, CHECKPOINTS))
         run.set_tags(trainer.precision.tags)
         try:
-            summary = trainer.fit().summary
+            summary = trainer.fit(checkpoint).summary
         finally:
             progress.close()
         run.log_metrics({k if k == "wall_seconds" else f"{trainer.eval_prefix}{k}": v for k, v in summary.items()})
         return self.objective_value(summary)
+
+
+def drop_checkpoints(run: Run) -> None:
+    """A trial or re-run that will not be continued keeps no checkpoint, here or in the record."""
+    run.tracker.delete_artifacts(run.run_id, CHECKPOINTS)
+    shutil.rmtree(run.local_dir(), ignore_errors=True)
 
 
 def _trial_table(study: optuna.Study, top: int = 10) -> pd.DataFrame:
@@ -217,11 +264,15 @@ def _parent_run(tracker: Tracker, study: optuna.Study, tuner: Tuner, storage: st
 
 
 def prepare_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str, study_name: str | None,
-                  variant: str | None) -> None:
-    """Create the study and its MLflow parent run once, before worker processes share them."""
+                  variant: str | None, stale_after: float = STALE_AFTER) -> int:
+    """Create the study and its MLflow parent run once, and queue the continuations of interrupted trials,
+    before worker processes share them. Returns the trials still to run for ``search.n_trials``."""
     tuner = Tuner(path, overrides, variant, tracker)
-    study = open_study(study_name or tuner.options.study or tuner.base.name, storage, tuner.options)
+    study = open_study(study_name or tuner.study_name, storage, tuner.options)
     _parent_run(tracker, study, tuner, storage)
+    fail_abandoned(study, stale_after)
+    enqueue_continuations(study)
+    return max(tuner.options.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED_STATES)), 0)
 
 
 def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -233,63 +284,133 @@ def trial_line(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
           f"{value}; {best}", file=sys.stderr, flush=True)
 
 
-def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str, study_name: str | None = None,
-              n_trials: int | None = None, timeout: float | None = None, variant: str | None = None,
-              enqueue: list[dict[str, Any]] | None = None, rerun_best: bool = True,
-              progress: bool = False) -> StudyOutcome:
-    """Run (or continue) the study; several processes with the same storage and name share it. ``progress``:
-    a step bar for the running trial and one line per finished trial on stderr."""
-    started = time.monotonic()
-    tuner = Tuner(path, overrides, variant, tracker, show_progress=progress)
-    options = tuner.options
-    name = study_name or options.study or tuner.base.name
-    study = open_study(name, storage, options)
-    parent = _parent_run(tracker, study, tuner, storage)
-    for params in enqueue or []:
-        study.enqueue_trial(params)
+def _trial_run(tracker: Tracker, trial: optuna.Trial, name: str, parent: Run, arm: str) -> tuple[Run, bool]:
+    """The trial's MLflow run: its predecessor's, reopened, when it continues an interrupted trial; else a new
+    one. Returns the run and whether it continues."""
+    before = trial.user_attrs.get(RUN_ATTR)
+    tags = {"kind": "trial", "study": name, "trial": trial.number, "arm": arm}
+    if CONTINUES_ATTR in trial.user_attrs and before and tracker.exists(before):
+        run = tracker.reopen(before)
+        run.set_tags({**tags, "state": "RUNNING", "continues_trial": trial.user_attrs[CONTINUES_ATTR]})
+        return run, True
+    return tracker.start(f"trial {trial.number}", tags, parent=parent), False
+
+
+def make_objective(tuner: Tuner, tracker: Tracker, parent: Run, name: str) -> Callable[[optuna.Trial], float]:
+    """Each trial trains into its MLflow run, whose ``state`` tag mirrors Optuna's. An interruption marks the
+    trial for continuation and stops the study (Optuna records the trial FAIL and re-raises it)."""
 
     def objective(trial: optuna.Trial) -> float:
         values = {d.name: d.suggest(trial) for d in tuner.dims}
-        run = tracker.start(f"trial {trial.number}", {"kind": "trial", "study": name, "trial": trial.number,
-                                                      "arm": options.arm}, parent=parent)
-        trial.set_user_attr("mlflow_run_id", run.run_id)  # from the dashboard to the trial's MLflow run
+        trial.set_user_attr(WORKER_ATTR, worker_id())
+        trial.set_user_attr(HEARTBEAT_ATTR, time.time())
+        run, continues = _trial_run(tracker, trial, name, parent, tuner.options.arm)
+        trial.set_user_attr(RUN_ATTR, run.run_id)  # from the dashboard to the trial's MLflow run
         run.log_params({"trial": values})
         try:
-            value = tuner.train(values, run, "val", trial)
+            value = tuner.train(values, run, "val", trial, resume=continues)
             if not math.isfinite(value):
                 raise UserError(f"trial {trial.number}: objective is {value}")
         except optuna.TrialPruned:
             run.set_tags({"state": "PRUNED"})
+            drop_checkpoints(run)
             run.end("KILLED")
             raise
+        except (Interrupted, KeyboardInterrupt) as exc:
+            trial.set_user_attr(INTERRUPTED_ATTR, str(exc) or "interrupted")
+            run.set_tags({"state": "INTERRUPTED"})
+            run.end("KILLED")
+            raise KeyboardInterrupt(str(exc)) from exc  # not in optimize's catch: the study stops here
         except Exception as exc:
             run.set_tags({"state": "FAIL", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            drop_checkpoints(run)
             run.end("FAILED")
             raise
         run.log_metrics({"objective": value})
         run.set_tags({"state": "COMPLETE"})
+        drop_checkpoints(run)
         run.end("FINISHED")
         return value
 
-    study.optimize(objective, n_trials=options.n_trials if n_trials is None else n_trials,
-                   timeout=timeout or options.timeout,
-                   catch=(Exception,), gc_after_trial=True, callbacks=[trial_line] if progress else None)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        parent.end("FAILED")
-        raise UserError(f"study {name}: no trial completed (see the trial runs' 'error' tags in MLflow)")
-    best = study.best_trial
-    test_value = math.nan
-    if rerun_best:
-        rerun = tracker.start("best recipe on test", {"kind": "best_rerun", "study": name, "trial": best.number,
-                                                      "arm": options.arm}, parent=parent)
-        values = {n: tuner.dim(n).decode(v) for n, v in best.params.items()}
-        rerun.log_params({"trial": values})  # the trials' parameter names and values
-        test_value = tuner.train(values, rerun, "test", None)
-        rerun.log_metrics({"objective_test": test_value})
-        rerun.end("FINISHED")
+    return objective
+
+
+def best_on_test(tuner: Tuner, tracker: Tracker, parent: Run, best: optuna.trial.FrozenTrial,
+                 study: str) -> dict[int, tuple[str, float]]:
+    """Train the best trial's recipe on the test split once per seed of ``tuner.test_seeds``; a re-run that
+    finished before is read back, an interrupted one continues from its checkpoint. Returns seed -> (run id,
+    test objective)."""
+    values = {n: tuner.dim(n).decode(v) for n, v in best.params.items()}
+    earlier = {c.tags.get("seed"): c for c in tracker.children(parent.run_id)
+               if c.tags.get("kind") == "best_rerun" and c.tags.get("trial") == str(best.number)}
+    scores = {}
+    for seed in tuner.test_seeds:
+        found = earlier.get(str(seed))
+        if found is not None and found.status == "FINISHED" and "objective_test" in found.metrics:
+            scores[seed] = (found.run_id, found.metrics["objective_test"])
+            continue
+        if found is not None:
+            run = tracker.reopen(found.run_id)
+        else:
+            run = tracker.start(f"best recipe on test seed={seed}", {"kind": "best_rerun", "study": study,
+                                "trial": best.number, "arm": tuner.options.arm, "seed": seed}, parent=parent)
+            run.log_params({"trial": values})  # the trials' parameter names and values
+        try:
+            value = tuner.train(values, run, "test", None, seed=seed, resume=found is not None)
+        except BaseException:
+            run.end("KILLED")  # its checkpoint stays: the next call continues it
+            raise
+        run.log_metrics({"objective_test": value})
+        drop_checkpoints(run)
+        run.end("FINISHED")
+        scores[seed] = (run.run_id, value)
+    return scores
+
+
+def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str, study_name: str | None = None,
+              n_trials: int | None = None, timeout: float | None = None, variant: str | None = None,
+              enqueue: list[dict[str, Any]] | None = None, rerun_best: bool = True, progress: bool = False,
+              continue_interrupted: bool = True, stale_after: float = STALE_AFTER) -> StudyOutcome:
+    """Run (or continue) the study; several processes with the same storage and name share it. ``n_trials``:
+    trials this call runs (default: as many as the study lacks of ``search.n_trials`` finished, i.e.
+    complete or pruned, trials). ``continue_interrupted``: first queue a continuation of every interrupted
+    trial (worker processes leave that to the process that started them). ``progress``: a step bar for the
+    running trial and one line per finished trial on stderr."""
+    started = time.monotonic()
+    tuner = Tuner(path, overrides, variant, tracker, show_progress=progress)
+    options = tuner.options
+    name = study_name or tuner.study_name
+    study = open_study(name, storage, options)
+    parent = _parent_run(tracker, study, tuner, storage)
+    parent.set_tags({"n_trials": options.n_trials, "state": "RUNNING"})  # what the record's progress line counts to
+    if continue_interrupted:
+        fail_abandoned(study, stale_after)
+        enqueue_continuations(study)
+    for params in enqueue or []:
+        study.enqueue_trial(params)
+    callbacks: list[Callable[[optuna.Study, optuna.trial.FrozenTrial], None]] = [trial_line] if progress else []
+    if n_trials is None:  # up to the study's total, however many calls and sessions it takes
+        n_trials = max(options.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED_STATES)), 0)
+        callbacks.append(optuna.study.MaxTrialsCallback(options.n_trials, states=FINISHED_STATES))
+    try:
+        study.optimize(make_objective(tuner, tracker, parent, name), n_trials=n_trials,
+                       timeout=timeout or options.timeout, catch=(Exception,), gc_after_trial=True, callbacks=callbacks)
+        complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        if not complete:
+            parent.end("FAILED")
+            raise UserError(f"study {name}: no trial completed (see the trial runs' 'error' tags in MLflow)")
+        best = study.best_trial
+        scores = best_on_test(tuner, tracker, parent, best, name) if rerun_best else {}
+    except (Interrupted, KeyboardInterrupt):
+        parent.set_tags({"state": "INTERRUPTED"})
+        parent.end("KILLED")
+        raise
+    test_values = [value for _, value in scores.values()]
+    test_value = float(pd.Series(test_values).mean()) if test_values else math.nan
+    if scores:
         study.set_user_attr("best_test_value", test_value)  # the number to report, beside the study
-        study.set_user_attr("best_test_run_id", rerun.run_id)
+        study.set_user_attr("best_test_values", test_values)
+        study.set_user_attr("best_test_run_ids", [run_id for run_id, _ in scores.values()])
     top = _trial_table(study)
     seconds = time.monotonic() - started
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,8 +418,14 @@ def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str
         top.to_csv(table, index=False)
         parent.log_artifact(table)
         _log_visualizations(study, parent, Path(tmp))
-    parent.log_metrics({"best_value": study.best_value, "best_test_value": test_value, "n_trials": len(study.trials),
-                        "wall_seconds": seconds})
-    parent.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
+    spread = float(pd.Series(test_values).std()) if len(test_values) > 1 else math.nan  # sample std, as the report's rows
+    parent.log_metrics({"best_value": study.best_value, "best_test_value": test_value, "best_test_std": spread,
+                        "best_test_n": len(test_values), "n_trials": len(study.trials), "wall_seconds": seconds})
+    # Tags, not params: a study that a later call carries on may find another best trial.
+    # COMPLETE: the study has its n_trials and its re-runs; PARTIAL: a later call carries it on.
+    whole = len(study.get_trials(deepcopy=False, states=FINISHED_STATES)) >= options.n_trials and bool(scores)
+    parent.set_tags({f"best.{k}": v for k, v in best.params.items()} | {
+        "best.trial": best.number, "state": "COMPLETE" if whole else "PARTIAL",
+        "best_test_seeds": ", ".join(str(seed) for seed in scores)})
     parent.end("FINISHED")
-    return StudyOutcome(study, best.params, study.best_value, test_value, top, parent.run_id, seconds)
+    return StudyOutcome(study, best.params, study.best_value, test_value, test_values, top, parent.run_id, seconds)
