@@ -345,7 +345,7 @@ def search_lines(tracker: MlflowTracker) -> list[str]:
             if study.tags.get("state", "COMPLETE") != "COMPLETE":
                 continue  # carried on by a later call: the progress section counts its trials
             best = {k.removeprefix("best."): v for k, v in sorted(study.tags.items()) if k.startswith("best.")}
-            lines.append(f"| {study.tags.get('study')} | {_fmt(study.metrics.get('best_value'))} | "
+            lines.append(f"| {study.tags.get('study')} (`{study.run_id[:8]}`) | {_fmt(study.metrics.get('best_value'))} | "
                          f"{_test_score(study.metrics)} | {_cell(str(best))} | "
                          f"{int(study.metrics.get('n_trials', 0))} | {_fmt(study.metrics.get('wall_seconds'), 0)} | "
                          f"{study.tags.get('git_commit', '?')} |")
@@ -428,11 +428,14 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
                if (t.experiment, t.arm) not in measured_targets]
     compare, kept_compare = merge(comparison_lines(rows), table_rows(sections.get(COMPARE, [])), known)
     searches = search_lines(tracker)
-    studies_known = {line.split(" | ")[0] for line in searches}
+    studies, studies_held = study_progress_lines(tracker)
+    # A study's line names its parent run: the store's studies are regenerated, every other line is kept
+    # (lines from before studies were named carry no run id, and are never dropped).
     old_searches = [line for line in table_rows(sections.get(SEARCHES, [])) if "| not run |" not in line]
-    kept_searches = [line for line in old_searches if line not in searches and line.split(" | ")[0] not in studies_known]
+    kept_searches = [line for line in old_searches if line not in searches and not set(RUN_ID.findall(line)) & studies_held]
     searches += kept_searches
-    searches += [f"| {name} | not run | | | | | |" for name in STUDIES if not any(s.startswith(f"| {name} |") for s in searches)]
+    searches += [f"| {name} | not run | | | | | |" for name in STUDIES
+                 if not any(s.startswith((f"| {name} |", f"| {name} (")) for s in searches)]
 
     figures: dict[str, tuple[str, str]] = {}
     blocks = {k: v for k, v in plot_blocks(sections.get(PLOTS, [])).items() if k not in known}
@@ -454,7 +457,6 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
             blocks[key] += [f"![ACC / BWT / FWT per method and the first task's accuracy]({figures_dir}/{figure})", ""]
     # A run in progress elsewhere (the store read here does not hold it) keeps its line until a store that
     # holds the run is read: then the line is regenerated, or dropped once the run has finished.
-    studies, studies_held = study_progress_lines(tracker)
     unfinished += studies
     unfinished += [line for line in table_rows(sections.get(IN_PROGRESS, []))
                    if RUN_ID.search(line) and not set(RUN_ID.findall(line)) & (held | studies_held)]

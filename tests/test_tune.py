@@ -296,7 +296,7 @@ def test_an_interrupted_rerun_of_the_best_recipe_continues(tmp_path: Path, monke
 
 def test_the_record_counts_an_unfinished_study_in_progress_and_lists_it_once_complete(tmp_path: Path,
                                                                                       mlflow_uri: str) -> None:
-    from harness.report import search_lines, study_progress_lines
+    from harness.report import SEARCH_HEADER, build_report, search_lines, study_progress_lines
 
     raw = digits_experiment([digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=2)], task_num=3)
     raw.update(name="tune_task0", search={**SEARCH, "n_trials": 2})  # named as the record's study
@@ -314,4 +314,10 @@ def test_the_record_counts_an_unfinished_study_in_progress_and_lists_it_once_com
     assert whole.parent_run_id == part.parent_run_id and len(whole.study.trials) == 2
     assert study_progress_lines(tracker)[0] == []
     (row,) = search_lines(tracker)
-    assert row.startswith(f"| tune_task0 | {whole.best_value:.3f} | {whole.test_value:.3f} (n=1) | ")
+    assert row.startswith(f"| tune_task0 (`{whole.parent_run_id[:8]}`) | {whole.best_value:.3f} | "
+                          f"{whole.test_value:.3f} (n=1) | ")
+    # the record only grows: a line from before studies named their run stays beside the new study's
+    old = "| tune_task0 | 0.297 | 0.318 | {'lr': '0.0148'} | 2 | 264.409 | 02547a2c4875 |"
+    record = build_report(tracker, f"## Searches\n\n{SEARCH_HEADER[0]}\n{SEARCH_HEADER[1]}\n{old}\n").text
+    assert old in record.splitlines() and row in record.splitlines()
+    assert "| tune_task0 | not run |" not in record
