@@ -15,7 +15,7 @@ import torch
 
 from harness.config.experiment import parse_experiment
 from harness.engine.precision import choose_precision, native_bf16
-from harness.engine.runner import build_split, recorded_precision
+from harness.engine.runner import auto_precision, build_split, recorded_precision
 from harness.engine.trainer import ArmTrainer
 from harness.run import main
 from tests.conftest import ROOT, digits_arm, digits_experiment, write_yaml
@@ -75,6 +75,48 @@ def test_a_resumed_arm_computes_in_the_precision_its_run_recorded(
     if tags:  # whatever auto would pick on this machine, the trainer computes as the run began
         trainer = ArmTrainer(pinned, build_split(experiment), None)
         assert trainer.precision.tags == tags
+
+
+OTHER_MACHINE = {"fp32": {"precision": "bf16-autocast", "memory_format": "channels_last"},
+                 "bf16-autocast": {"precision": "fp32", "memory_format": "contiguous"}}
+
+
+@pytest.mark.parametrize("recorded_on", ["parent", "first run"])
+def test_an_experiment_resumed_on_another_machine_computes_as_it_started(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], recorded_on: str) -> None:
+    """``auto`` resolves once, where the experiment starts: an arm run that begins when the experiment is
+    resumed on a machine of the other kind computes as the experiment's first runs did. The parent records
+    the resolution; a parent recorded before that is read through its first run's tags."""
+    arms = [digits_arm(name, {"name": "finetune"}, epoch=1, backbone={"name": "resnet32"}) for name in ("a", "b")]
+    path = write_yaml(tmp_path / "exp.yaml", digits_experiment(arms, task_num=2))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main([str(path), "--tracking-uri", uri, "--quiet"]) == 0
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("digits-test").experiment_id
+    parent = client.search_runs([exp_id], "tags.kind = 'experiment'")[0]
+    runs = {r.data.tags["arm"]: r for r in client.search_runs([exp_id], "tags.arm != ''")}
+    here = auto_precision("auto")
+    assert {k: parent.data.tags[f"auto_{k}"] for k in here} == here == {k: runs["a"].data.tags[k] for k in here}
+
+    # The experiment started on the other kind of machine, and was stopped before arm b began.
+    other = OTHER_MACHINE[here["precision"]]
+    pid = parent.info.run_id
+    if recorded_on == "parent":
+        for key, value in other.items():
+            client.set_tag(pid, f"auto_{key}", value)
+    else:
+        for key, value in other.items():
+            client.delete_tag(pid, f"auto_{key}")
+            client.set_tag(runs["a"].info.run_id, key, value)
+    client.delete_run(runs["b"].info.run_id)
+    client.set_terminated(pid, "KILLED")
+    capsys.readouterr()
+    assert main(["--resume", pid, "--tracking-uri", uri, "--quiet"]) == 0
+    assert f"arm runs that begin now compute in {other['precision']}, {other['memory_format']}" in capsys.readouterr().out
+    b = [r for r in client.search_runs([exp_id], "tags.arm = 'b'")]
+    assert len(b) == 1 and b[0].info.run_id != runs["b"].info.run_id and b[0].info.status == "FINISHED"
+    assert {k: b[0].data.tags[k] for k in other} == other  # computed as the experiment started
+    assert b[0].data.params["engine.amp"] == "auto"  # the recipe as written: its row stays that of run a
 
 
 def _trainer(tmp_path: Path, **engine: object) -> ArmTrainer:

@@ -21,6 +21,7 @@ from harness.config.experiment import ArmRecipe, Experiment
 from harness.data.datasets import DATASETS, load_dataset
 from harness.data.domains import expand_tasks
 from harness.data.split import Split, class_order, make_split
+from harness.engine.precision import choose_precision, native_bf16
 from harness.engine.progress import Progress
 from harness.engine.trainer import CHECKPOINT, CHECKPOINTS, ArmResult, ArmTrainer, load_checkpoint, progress_key, resolve_device
 from harness.errors import Interrupted, TrackingUnavailable, UserError
@@ -136,14 +137,24 @@ def resume_checkpoint(run: Run, arm: ArmRecipe, folder: Path, restart: bool) -> 
     return max(found, key=progress_key, default=None)
 
 
-def recorded_precision(arm: ArmRecipe, tags: dict[str, str]) -> ArmRecipe:
+def recorded_precision(arm: ArmRecipe, tags: dict[str, str], *, only_auto: bool = False) -> ArmRecipe:
     """A resumed arm computes as it started: in the precision and memory layout its run recorded, whatever
-    ``auto`` picks on the machine that resumes it (a run is never half bf16, half fp32)."""
+    ``auto`` picks on the machine that resumes it (a run is never half bf16, half fp32). ``only_auto``: set
+    only the switches the arm leaves at ``auto`` (an arm run that begins in a resumed experiment, ``tags``
+    being how ``auto`` resolved where the experiment started)."""
     if "precision" not in tags:
         return arm
-    engine = dataclasses.replace(arm.engine, amp=tags["precision"] != "fp32",
-                                 channels_last=tags.get("memory_format") == "channels_last")
+    recorded = {"amp": tags["precision"] != "fp32", "channels_last": tags.get("memory_format") == "channels_last"}
+    engine = dataclasses.replace(arm.engine, **{k: v for k, v in recorded.items()
+                                                if not only_auto or getattr(arm.engine, k) == "auto"})
     return dataclasses.replace(arm, engine=engine)
+
+
+def auto_precision(device_name: str) -> dict[str, str]:
+    """The ``precision`` and ``memory_format`` tags that ``auto`` resolves to on this machine for a
+    convolutional backbone: what an experiment's parent records when it starts."""
+    device = resolve_device(device_name)
+    return choose_precision("auto", "auto", device.type, native_bf16(device), convolutional=True).tags
 
 
 def cpu_capability() -> str:
@@ -152,15 +163,19 @@ def cpu_capability() -> str:
 
 
 def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
-            progress: Progress, *, resume_run: Run | None = None, restart: bool = False) -> ArmOutcome:
+            progress: Progress, *, resume_run: Run | None = None, restart: bool = False,
+            auto_as: dict[str, str] | None = None) -> ArmOutcome:
     """Train one arm with one seed into its own run (a fresh one, or ``resume_run`` continued from its
-    checkpoint; ``restart``: start ``resume_run`` over if its checkpoint is gone).
+    checkpoint; ``restart``: start ``resume_run`` over if its checkpoint is gone). ``auto_as``: the
+    ``precision`` / ``memory_format`` that ``auto`` resolved to where a resumed experiment started; a fresh
+    run computes so too, so an experiment that spans machines is never half bf16, half fp32.
 
     If the tracking server stops answering, the arm stops where it is. Its last checkpoint precedes
     everything that was not delivered (metrics reach the tracker before the checkpoint that follows them),
     so a resume from it logs them again and continues."""
     try:
-        return _run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run, restart=restart)
+        return _run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run, restart=restart,
+                        auto_as=auto_as)
     except TrackingUnavailable as exc:
         progress.note(f"{arm.name}: stopped: {exc}")
         raise TrackingUnavailable(
@@ -170,7 +185,7 @@ def run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Track
 
 
 def _run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
-             progress: Progress, *, resume_run: Run | None, restart: bool) -> ArmOutcome:
+             progress: Progress, *, resume_run: Run | None, restart: bool, auto_as: dict[str, str] | None) -> ArmOutcome:
     device = resolve_device(arm.engine.device)
     tags = {"arm": arm.name, "seed": arm.engine.seed, "method": arm.method.name, "device": _device_name(device),
             "git_commit": git_commit(), "split_hash": split.digest, "experiment": experiment.name}
@@ -180,8 +195,10 @@ def _run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Trac
     checkpoint = None
     if resume_run is None:
         run = tracker.start(run_name(arm, experiment), tags, parent=parent)
-        run.log_params({"split": split_params(experiment, split), **arm.to_dict()})
+        run.log_params({"split": split_params(experiment, split), **arm.to_dict()})  # the recipe as written
         folder = run_work_dir(run.run_id)
+        if auto_as is not None:
+            arm = recorded_precision(arm, auto_as, only_auto=True)
     else:
         run = resume_run
         checkpoint = resume_checkpoint(run, arm, folder / CHECKPOINTS, restart)

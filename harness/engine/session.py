@@ -17,7 +17,17 @@ import yaml
 from harness.config.experiment import ArmRecipe, Experiment, load_experiment
 from harness.data.split import Split
 from harness.engine.progress import Progress
-from harness.engine.runner import ArmOutcome, arm_steps, build_split, git_commit, log_parent_summary, plan, run_arm, split_params
+from harness.engine.runner import (
+    ArmOutcome,
+    arm_steps,
+    auto_precision,
+    build_split,
+    git_commit,
+    log_parent_summary,
+    plan,
+    run_arm,
+    split_params,
+)
 from harness.errors import Interrupted, TrackingUnavailable, UserError
 from harness.paths import cache_dir, run_work_dir
 from harness.tracking import VIEW, MlflowTracker, Run, RunInfo, Tracker, make_tracker
@@ -41,9 +51,10 @@ def run_key(info: RunInfo) -> tuple[str, int]:
 
 
 def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run, progress: Progress,
-            previous: dict[tuple[str, int], RunInfo] | None = None, restart: bool = False) -> list[ArmOutcome]:
+            previous: dict[tuple[str, int], RunInfo] | None = None, restart: bool = False,
+            auto_as: dict[str, str] | None = None) -> list[ArmOutcome]:
     """Run (or, on resume, finish) every arm and seed; the parent is marked KILLED/FAILED with a resume hint
-    on error."""
+    on error. ``auto_as``: how ``auto`` resolved where a resumed experiment started (``started_auto``)."""
     outcomes = []
     try:
         for arm in experiment.seeded_arms():
@@ -54,7 +65,7 @@ def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
                 continue
             resume_run = Run(tracker, before.run_id) if before is not None else None
             outcomes.append(run_arm(arm, experiment, split, tracker, parent, progress, resume_run=resume_run,
-                                    restart=restart))
+                                    restart=restart, auto_as=auto_as))
     except TrackingUnavailable:
         raise  # it names the resume command; the parent stays RUNNING until the server answers again
     except BaseException as exc:
@@ -131,7 +142,7 @@ def start(args: argparse.Namespace) -> int:
         "experiment_file_relative": os.path.relpath(Path(args.experiment).resolve()),
         "overrides": json.dumps(args.overrides), "variant": args.variant or "", "arms": args.arms or "",
         "git_commit": git_commit(),
-        "split_hash": split.digest})
+        "split_hash": split.digest, **{f"auto_{k}": v for k, v in auto_precision(experiment.engine.device).items()}})
     print(f"parent run {parent.run_id} ({tracker.description})", flush=True)
     parent.log_params({"split": split_params(experiment, split), "arms": [a.name for a in experiment.arms],
                        "seeds": experiment.seeds})
@@ -189,6 +200,22 @@ def experiment_file(tags: dict[str, str]) -> Path:
                     f"{tags.get('experiment_file_relative', Path('experiments') / recorded.name)})")
 
 
+def started_auto(parent_tags: dict[str, str], experiment: Experiment,
+                 previous: dict[tuple[str, int], RunInfo]) -> dict[str, str] | None:
+    """How ``engine.amp`` / ``channels_last`` ``auto`` resolved on the machine where the experiment started:
+    the parent's ``auto_precision`` / ``auto_memory_format`` tags, or, for a parent recorded before it had
+    them, the tags of its first arm run that left both switches at ``auto`` on a convolutional backbone.
+    None when neither tells (``auto`` then resolves on this machine)."""
+    if "auto_precision" in parent_tags:
+        return {"precision": parent_tags["auto_precision"], "memory_format": parent_tags.get("auto_memory_format", "")}
+    for arm in experiment.seeded_arms():
+        info = previous.get((arm.name, arm.engine.seed))
+        if (info is not None and "precision" in info.tags and arm.engine.amp == arm.engine.channels_last == "auto"
+                and arm.backbone.name != "mlp"):
+            return {"precision": info.tags["precision"], "memory_format": info.tags.get("memory_format", "")}
+    return None
+
+
 def resume(args: argparse.Namespace) -> int:
     tracker = make_tracker(args.tracking_uri, None)
     info = tracker.info(args.resume)
@@ -214,6 +241,12 @@ def resume(args: argparse.Namespace) -> int:
     previous = {}
     for child in sorted(tracker.children(args.resume), key=lambda c: c.status == "FINISHED"):
         previous[run_key(child)] = child  # a FINISHED run of an arm and seed wins over an interrupted one
+    auto_as = started_auto(info.tags, experiment, previous)
+    here = auto_precision(experiment.engine.device)
+    if auto_as is not None and auto_as != here:
+        print(f"engine auto: arm runs that begin now compute in {auto_as['precision']}, {auto_as['memory_format']}, "
+              f"as where this experiment started (here auto would choose {here['precision']}, "
+              f"{here['memory_format']})", flush=True)
     progress = Progress(total_steps(experiment, split), enabled=not args.quiet)
-    execute(experiment, split, tracker, parent, progress, previous, restart=args.force)
+    execute(experiment, split, tracker, parent, progress, previous, restart=args.force, auto_as=auto_as)
     return 0
