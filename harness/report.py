@@ -101,6 +101,10 @@ COMPARISONS = [
       for arm in ABLATION_FROM_SEED),
     Comparison("seed_recipe", ("seed_recipe", "bf16-autocast"), ("seed_recipe", "fp32"), "task0_acc",
                "|Δ| ≤ 0.01 (bf16 agrees with fp32)"),
+    Comparison("seed_recipe", ("seed_recipe", "bf16-autocast, compiled"), ("seed_recipe", "bf16-autocast"),
+               "task0_acc", "|Δ| ≤ 0.01 (compiled agrees with eager)"),
+    Comparison("seed_recipe", ("seed_recipe", "bf16-autocast, compiled"), ("seed_recipe", "bf16-autocast"),
+               "wall_seconds", "< 0 (compiled is faster over the whole task)"),
 ]
 STUDIES = ["tune_task0", "tune_memory_strength"]
 # Parameters that do not change what an arm computes, or name this machine: runs that differ only in them
@@ -142,7 +146,11 @@ class Row:
 
     @property
     def precision(self) -> str:
-        return self.runs[0].tags.get("precision", "fp32")
+        """How the row's runs computed: ``fp32`` or ``bf16-autocast``, with ``, compiled`` for a compiled
+        backbone."""
+        run = self.runs[0]
+        compiled = run.tags.get("compiled", run.params.get("engine.compile", "false")).lower() == "true"
+        return run.tags.get("precision", "fp32") + (", compiled" if compiled else "")
 
     @property
     def device(self) -> str:
@@ -181,8 +189,14 @@ def recipe_key(info: RunInfo) -> str:
     """What makes runs seeds of one recipe: every parameter but NOT_RECIPE, plus device and precision.
 
     A parameter logged as ``None`` counts as absent: a key the config gained later (``split.max_per_class``)
-    defaults to null, which is what the runs recorded before it did, so it does not split their row."""
-    params = sorted((k, v) for k, v in info.params.items() if not k.startswith(NOT_RECIPE) and v != "None")
+    defaults to null, which is what the runs recorded before it did, so it does not split their row. Whether
+    the backbone was compiled counts as the run computed it (tag ``compiled``; before that tag, the
+    ``engine.compile`` true/false it was given), not as the setting that chose it (``auto``)."""
+    params = dict(info.params)
+    compiled = info.tags.get("compiled", params.get("engine.compile"))
+    if compiled is not None:
+        params["engine.compile"] = compiled.lower()
+    params = sorted((k, v) for k, v in params.items() if not k.startswith(NOT_RECIPE) and v != "None")
     text = repr((params, info.tags.get("device"), info.tags.get("precision", "fp32"), info.tags.get("memory_format")))
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -1,5 +1,5 @@
 """Precision defaults (bf16 autocast and channels-last where the hardware computes bf16 natively), their
-record in MLflow, bf16 inference, and the opt-in torch.compile."""
+record in MLflow, bf16 inference, and torch.compile (auto: the bf16 + channels-last CPU path only)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness.config.experiment import parse_experiment
-from harness.engine.precision import choose_precision, native_bf16
+from harness.engine.precision import Precision, choose_compile, choose_precision, native_bf16
 from harness.engine.runner import auto_precision, build_split, recorded_precision
 from harness.engine.trainer import ArmTrainer
 from harness.run import main
@@ -141,14 +141,41 @@ def test_bf16_channels_last_training_and_inference_agree_with_fp32(tmp_path: Pat
     assert abs(bf16.matrices["til"][-1].mean() - fp32.matrices["til"][-1].mean()) < 0.1
 
 
-def test_compile_is_opt_in_and_trains_like_eager(tmp_path: Path) -> None:
+BF16_CL, FP32 = Precision(amp=True, channels_last=True), Precision(amp=False, channels_last=False)
+COMPILE_CASES = [
+    # compile, precision, device, native bf16, convolutional -> compiled
+    ("auto", BF16_CL, "cpu", True, True, True),  # the bf16 + channels-last CPU path: measured faster compiled
+    ("auto", FP32, "cpu", False, True, False),  # fp32 on an AVX2 CPU: the measurements were mixed
+    ("auto", FP32, "cpu", True, True, False),  # fp32 forced on a bf16 CPU
+    ("auto", BF16_CL, "cpu", True, False, False),  # an MLP
+    ("auto", BF16_CL, "cuda", True, True, False),  # CUDA: the step is a CUDA graph
+    (True, FP32, "cpu", False, False, True),
+    (False, BF16_CL, "cpu", True, True, False),
+]
+
+
+@pytest.mark.parametrize(("setting", "precision", "device", "native", "conv", "want"), COMPILE_CASES)
+def test_auto_compiles_only_the_bf16_channels_last_cpu_path(setting: object, precision: Precision, device: str,
+                                                            native: bool, conv: bool, want: bool) -> None:
+    assert choose_compile(setting, precision, device, native, conv) is want
+
+
+def test_compile_trains_like_eager_and_the_run_records_it(tmp_path: Path, mlflow_uri: str) -> None:
     arm = digits_arm("gem", {"name": "gem", "kwargs": {"n_memories": 16}}, epoch=2, engine={"amp": False})
     raw = digits_experiment([arm, {**arm, "name": "compiled", "engine": {"amp": False, "compile": True}}], task_num=2)
     experiment = parse_experiment(raw, "exp.yaml")
     split = build_split(experiment)
-    eager = ArmTrainer(experiment.arm("gem"), split, None).fit()
+    plain = ArmTrainer(experiment.arm("gem"), split, None)
+    assert experiment.arm("gem").engine.compile == "auto" and not plain.compiled  # fp32: auto stays eager
+    eager = plain.fit()
     compiled = ArmTrainer(experiment.arm("compiled"), split, None).fit()
     assert np.allclose(eager.matrices["til"], compiled.matrices["til"], atol=0.03)
+
+    path = write_yaml(tmp_path / "exp.yaml", {**raw, "arms": [{**arm, "epoch": 1}, {**raw["arms"][1], "epoch": 1}]})
+    assert main([str(path), "--tracking-uri", mlflow_uri, "--quiet"]) == 0
+    mlflow.set_tracking_uri(mlflow_uri)
+    runs = mlflow.search_runs(experiment_names=["digits-test"]).set_index("tags.mlflow.runName")
+    assert runs.loc["gem", "tags.compiled"] == "false" and runs.loc["compiled", "tags.compiled"] == "true"
 
 
 def _one_line_exit_2(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:

@@ -50,7 +50,8 @@ REPLAY_BUFFER_SENTENCE = (
 class EngineOptions:
     """Where and how arms run. ``cuda_graph`` (the whole step captured and replayed, ``harness.engine.graphs``):
     null = on for CUDA. ``amp`` (bf16 autocast) and ``channels_last``: ``auto`` = on for CUDA and for CPUs that
-    compute bf16 natively (``harness.engine.precision``). ``compile``: ``torch.compile`` the backbone (opt-in).
+    compute bf16 natively (``harness.engine.precision``). ``compile``: ``torch.compile`` the backbone; ``auto`` =
+    on for the bf16 + channels-last CPU path only (``choose_compile``).
     ``workers`` is accepted for LibContinual files and recorded: batches come from device-resident tensors."""
 
     device: str = "auto"
@@ -60,7 +61,7 @@ class EngineOptions:
     cuda_graph: bool | None = None
     amp: Switch = "auto"
     channels_last: Switch = "auto"
-    compile: bool = False
+    compile: Switch = "auto"
     checkpoint_every: int = opt(1, lo=0)
     eval_batch_size: int = opt(1000, lo=1)
 
@@ -436,7 +437,7 @@ def _parse_arm(raw: Any, index: int, split: SplitSpec, engine: dict[str, Any], e
     arm_engine = {k: merged[k] for k in ("workers", "deterministic") if merged.get(k) is not None}
     engine_raw = deep_merge(deep_merge(engine, arm_engine), _typed(merged.get("engine") or {}, (dict,), "engine", source))
     engine_options = build_options(EngineOptions, engine_raw, key="engine", source=source)
-    if engine_options.compile:
+    if engine_options.compile is True:
         check_compiler("engine.compile", source)
     return ArmRecipe(
         name=name, source=source,

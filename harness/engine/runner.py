@@ -227,7 +227,7 @@ def _run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Trac
 
         try:
             trainer = ArmTrainer(arm, split, run, progress, checkpoint_dir=checkpoints, on_checkpoint=carry)
-            run.set_tags(trainer.precision.tags)
+            run.set_tags({**trainer.precision.tags, "compiled": str(trainer.compiled).lower()})
             if resume_run is None:
                 record_source(run, tracker, arm.name, trainer.method.provenance())
             result = trainer.fit(checkpoint)

@@ -107,7 +107,8 @@ def only_arms(experiment: Experiment, names: str | None) -> Experiment:
     return dataclasses.replace(experiment, arms=[a for a in experiment.arms if a in arms])
 
 
-SMOKE = ["split.max_per_class=5", "arms.*.epoch=1", "arms.*.init_epoch=1"]
+# A smoke run compiles nothing: compilation would take longer than the run it checks.
+SMOKE = ["split.max_per_class=5", "arms.*.epoch=1", "arms.*.init_epoch=1", "arms.*.engine.compile=false"]
 SMOKE_DOMAIN = ["split.samples_per_task=100"]
 SMOKE_TASKS = 3
 

@@ -29,7 +29,7 @@ from harness.data.split import Split
 from harness.engine.evaluate import Evaluator
 from harness.engine.graphs import GraphedStep
 from harness.engine.optim import build_optimizer, build_scheduler, lr_to_device
-from harness.engine.precision import choose_precision, native_bf16
+from harness.engine.precision import choose_compile, choose_precision, native_bf16
 from harness.engine.progress import Progress
 from harness.errors import Interrupted, TrainingDiverged, UserError
 from harness.methods import method_class
@@ -181,8 +181,9 @@ class ArmTrainer:
         engine: EngineOptions = arm.engine
         self.device = resolve_device(engine.device)
         seed_everything(engine.seed, engine.deterministic)
-        self.precision = choose_precision(engine.amp, engine.channels_last, self.device.type, native_bf16(self.device),
-                                          convolutional=arm.backbone.name != "mlp")
+        native, convolutional = native_bf16(self.device), arm.backbone.name != "mlp"
+        self.precision = choose_precision(engine.amp, engine.channels_last, self.device.type, native, convolutional)
+        self.compiled = choose_compile(engine.compile, self.precision, self.device.type, native, convolutional)
         if self.precision.warning:
             self.progress.note(f"{arm.name}: {self.precision.warning}")
         dataset = split.dataset
@@ -191,7 +192,7 @@ class ArmTrainer:
                                  None if method_cls.owns_head else split.num_classes).to(self.device)
         if self.precision.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
-        if engine.compile:
+        if self.compiled:
             self.net.backbone.compile()  # in place: parameter names, and so checkpoints, stay those of eager runs
         layout = self.precision.channels_last
         train_t = BatchTransform(arm.augment, dataset.mean, dataset.std, self.device, channels_last=layout)
