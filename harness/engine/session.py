@@ -29,6 +29,7 @@ from harness.engine.runner import (
     split_params,
 )
 from harness.errors import Interrupted, TrackingUnavailable, UserError
+from harness.models import convolutional
 from harness.paths import cache_dir, run_work_dir
 from harness.tracking import VIEW, MlflowTracker, Run, RunInfo, Tracker, make_tracker
 
@@ -212,7 +213,7 @@ def started_auto(parent_tags: dict[str, str], experiment: Experiment,
     for arm in experiment.seeded_arms():
         info = previous.get((arm.name, arm.engine.seed))
         if (info is not None and "precision" in info.tags and arm.engine.amp == arm.engine.channels_last == "auto"
-                and arm.backbone.name != "mlp"):
+                and convolutional(arm.backbone.name)):
             return {"precision": info.tags["precision"], "memory_format": info.tags.get("memory_format", "")}
     return None
 

@@ -35,7 +35,7 @@ from harness.errors import Interrupted, TrainingDiverged, UserError
 from harness.methods import method_class
 from harness.methods.base import Batch, Context, StepResult
 from harness.metrics import old_new_accuracy, seen_accuracy, summarize
-from harness.models import build_network
+from harness.models import build_network, convolutional
 from harness.tracking import Run
 
 CHECKPOINT = "last.pt"
@@ -181,9 +181,9 @@ class ArmTrainer:
         engine: EngineOptions = arm.engine
         self.device = resolve_device(engine.device)
         seed_everything(engine.seed, engine.deterministic)
-        native, convolutional = native_bf16(self.device), arm.backbone.name != "mlp"
-        self.precision = choose_precision(engine.amp, engine.channels_last, self.device.type, native, convolutional)
-        self.compiled = choose_compile(engine.compile, self.precision, self.device.type, native, convolutional)
+        native, conv = native_bf16(self.device), convolutional(arm.backbone.name)
+        self.precision = choose_precision(engine.amp, engine.channels_last, self.device.type, native, conv)
+        self.compiled = choose_compile(engine.compile, self.precision, self.device.type, native, conv)
         if self.precision.warning:
             self.progress.note(f"{arm.name}: {self.precision.warning}")
         dataset = split.dataset

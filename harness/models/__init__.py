@@ -42,6 +42,13 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp,
 }
 
+
+def convolutional(name: str) -> bool:
+    """Whether backbone ``name`` convolves 4-d image batches: every backbone but the MLP, which flattens its
+    input, so only these gain from channels-last (and from compiling, ``choose_compile``)."""
+    return name != "mlp"
+
+
 # LibContinual backbone blocks carry these; they are checked against the split instead of passed on.
 LIBCONTINUAL_BACKBONE_KEYS = ("num_classes", "args")
 # Keys of a backbone block that concern the whole network (backbone and head), not the backbone builder.
