@@ -125,6 +125,8 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
         assert MlflowClient(uri).list_artifacts(resumed[arm]["run_id"], "checkpoints") == []
     log = Path(MlflowClient(uri).download_artifacts(gem.info.run_id, "arm.log", str(tmp_path))).read_text()
     assert "gem task 1/5 epoch 1/5" in log and "gem task 5/5 epoch 5/5" in log  # one log across the interruption
+    steps = [m.step for m in MlflowClient(uri).get_metric_history(gem.info.run_id, "epoch_train_loss")]
+    assert sorted(steps) == list(range(5 * 5))  # one curve across the interruption: each epoch once
 
 
 def _expect_exit_2(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:

@@ -234,13 +234,9 @@ def test_an_interrupted_trial_is_continued_from_its_checkpoint_to_the_same_value
     # exactly what the uninterrupted study's first trial gave, and each epoch's value reported once
     assert continued.value == reference.study.trials[0].value
     assert continued.intermediate_values == reference.study.trials[0].intermediate_values
-    history = client.get_metric_history(run_id, "epoch_val_acc")
-    steps = [m.step for m in history]
-    if sig == signal.SIGKILL:  # killed between an epoch's metrics and its checkpoint: that epoch is trained and
-        # logged again, to the same value (a resume logs what followed its checkpoint once more)
-        assert all(len({m.value for m in history if m.step == k}) == 1 for k in set(steps))
-        assert len(steps) - len(set(steps)) <= 1
-        steps = sorted(set(steps))
+    # each epoch once, also where a SIGKILL fell between an epoch's metrics and its checkpoint (that epoch is
+    # trained again from the checkpoint, and the record's value is kept: Run.continued)
+    steps = [m.step for m in client.get_metric_history(run_id, "epoch_val_acc")]
     assert sorted(steps) == list(range(1, 3 * 12 + 1))
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["trial"] == "1" and run.data.tags["continues_trial"] == "0"

@@ -200,11 +200,10 @@ def _run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Trac
         if auto_as is not None:
             arm = recorded_precision(arm, auto_as, only_auto=True)
     else:
-        run = resume_run
-        checkpoint = resume_checkpoint(run, arm, folder / CHECKPOINTS, restart)
-        recorded = tracker.info(run.run_id).tags
+        checkpoint = resume_checkpoint(resume_run, arm, folder / CHECKPOINTS, restart)
+        recorded = tracker.info(resume_run.run_id).tags
         arm = recorded_precision(arm, recorded)
-        tracker.reopen(run.run_id)
+        run = tracker.reopen(resume_run.run_id)
         capabilities = recorded.get("cpu_capability", "")
         if device.type == "cpu" and cpu_capability() not in capabilities.split(", "):
             tags["cpu_capability"] = ", ".join(filter(None, [capabilities, cpu_capability()]))

@@ -57,17 +57,30 @@ def finite(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
 
 
-class Run:
-    """One run of a tracker: an arm, a trial or an experiment's parent."""
+# Metrics whose step counts epochs (the trainer's and a trial's per-epoch values) carry this in their name.
+EPOCH_METRIC = "epoch_"
 
-    def __init__(self, tracker: Tracker, run_id: str) -> None:
-        self.tracker, self.run_id = tracker, run_id
+
+class Run:
+    """One run of a tracker: an arm, a trial or an experiment's parent. ``held``: for a run continued from
+    its checkpoint, the last step of each per-epoch metric the record already holds (``Run.continued``)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, held: dict[str, int] | None = None) -> None:
+        self.tracker, self.run_id, self.held = tracker, run_id, held or {}
+
+    @classmethod
+    def continued(cls, tracker: Tracker, run_id: str) -> Run:
+        """The run, holding back per-epoch values at steps the record has: a process killed between an
+        epoch's metrics and the checkpoint that follows them trains that epoch again from the checkpoint,
+        to the same values (resume is exact), and the history keeps one point per epoch."""
+        keys = [k for k in tracker.info(run_id).metrics if k.startswith(EPOCH_METRIC)]
+        return cls(tracker, run_id, {k: max(tracker.metric_steps(run_id, k)) for k in keys})
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.tracker.log_params(self.run_id, flatten(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        values = finite(metrics)
+        values = {k: v for k, v in finite(metrics).items() if step > self.held.get(k, -1)}
         if values:
             self.tracker.log_metrics(self.run_id, values, step)
 
@@ -116,7 +129,7 @@ class Tracker:
         raise NotImplementedError
 
     def reopen(self, run_id: str) -> Run:
-        """Mark an interrupted run RUNNING again so a resumed arm logs into the same run."""
+        """Mark an interrupted run RUNNING again so a resumed arm logs into the same run (``Run.continued``)."""
         raise NotImplementedError
 
     def read_artifact(self, run_id: str, path: str) -> str | None:
@@ -260,7 +273,7 @@ class MlflowTracker(Tracker):
 
     def reopen(self, run_id: str) -> Run:
         self.client.update_run(run_id, status="RUNNING")
-        return Run(self, run_id)
+        return Run.continued(self, run_id)
 
     def read_artifact(self, run_id: str, path: str) -> str | None:
         # Through this client, which knows the tracking URI a server's proxied (mlflow-artifacts:) URIs need.
@@ -387,7 +400,7 @@ class FolderTracker(Tracker):
 
     def reopen(self, run_id: str) -> Run:
         self._update(run_id, "meta.json", {"status": "RUNNING"})
-        return Run(self, run_id)
+        return Run.continued(self, run_id)
 
     def read_artifact(self, run_id: str, path: str) -> str | None:
         file = self._path(run_id, "artifacts") / path
