@@ -60,3 +60,13 @@ def test_plain_lines_every_interval_not_every_step_when_not_a_terminal() -> None
     assert lines[-3].startswith("[") and "/400 steps" in lines[-3] and "eta" in lines[-3] and "img/s" in lines[-3]
     assert "gem task 2/5 epoch 1/2 loss 0.2500" in lines[-3]
     assert lines[-2] == "a note" and lines[-1].startswith("[201/400 steps")
+
+
+def test_skipped_steps_leave_the_total() -> None:
+    stream = io.StringIO()
+    progress = Progress(400, stream=stream, interval=3600)
+    progress.skip(150)  # e.g. a resumed experiment's finished arm
+    for _ in range(250):
+        progress.step(64)
+    progress.close()
+    assert stream.getvalue().splitlines()[-1].startswith("[250/250 steps"), stream.getvalue()

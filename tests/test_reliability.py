@@ -72,8 +72,8 @@ def _interrupt_mid_gem_task(proc: subprocess.Popen, store: Path, sig: int) -> No
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: int,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: int, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))  # where the runs' checkpoints go
     path = write_yaml(tmp_path / "exp.yaml", {**digits_experiment(ARMS), "seeds": [0, 5]})
     reference_uri = f"sqlite:///{tmp_path / 'ref' / 'mlflow.db'}"
@@ -111,7 +111,12 @@ def test_interrupted_experiment_resumes_to_the_same_result(tmp_path: Path, sig: 
     assert [a.path for a in MlflowClient(uri).list_artifacts(gem.info.run_id, "checkpoints")] == ["checkpoints/last.pt"]
     if sig == signal.SIGKILL:  # and the SIGKILLed experiment resumes on a fresh machine, from the record alone
         shutil.rmtree(tmp_path / "cache")
-    assert main(["--resume", parent_id, "--tracking-uri", uri, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["--resume", parent_id, "--tracking-uri", uri]) == 0
+    # the progress total leaves out the finished arms and the checkpointed epochs: the last line is N/N, so
+    # the ETA along the way counted only what the resume had left to run
+    done, total = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[")][-1][1:].split()[0].split("/")
+    assert done == total, (done, total)
     resumed = matrices(uri, "digits-test", parent_id)
     reference = matrices(reference_uri, "digits-test", reference_parent)
     assert set(resumed) == {(arm, seed) for arm in ("finetune", "gem", "joint") for seed in ("0", "5")}

@@ -17,8 +17,9 @@ from typing import TextIO
 class Progress:
     """``total_steps``: optimisation steps of the whole command (every arm, seed, task and epoch)."""
 
-    def __init__(self, total_steps: int, stream: TextIO = sys.stderr, enabled: bool = True,
+    def __init__(self, total_steps: int, stream: TextIO | None = None, enabled: bool = True,
                  interval: float = 30.0) -> None:
+        stream = sys.stderr if stream is None else stream  # at call time, so a redirected stderr is honoured
         self.stream, self.enabled, self.total = stream, enabled, max(total_steps, 1)
         self.interval = interval
         self.done, self.images, self.start = 0, 0, time.monotonic()
@@ -49,6 +50,14 @@ class Progress:
         if now - self.last_line >= self.interval:
             self.last_line = now
             self._line()
+
+    def skip(self, steps: int) -> None:
+        """``steps`` of the total that this command will not run (a resumed experiment's finished arms and
+        the epochs its checkpoints already hold): the ETA then counts only what is left."""
+        self.total = max(self.total - steps, 1)
+        if self.bar is not None:
+            self.bar.total = self.total
+            self.bar.refresh()
 
     def rate(self) -> float:
         return self.images / max(time.monotonic() - self.start, 1e-9)

@@ -88,6 +88,15 @@ def arm_steps(arm: ArmRecipe, split: Split, last_task: int | None = None) -> int
                for t in tasks)
 
 
+def steps_taken(arm: ArmRecipe, split: Split, checkpoint: dict[str, Any]) -> int:
+    """Optimisation steps the run had taken when it wrote ``checkpoint``: what a resume does not run again."""
+    task, _, step = progress_key(checkpoint)
+    if task >= split.num_tasks:  # written after its last task, before the run was marked finished
+        return arm_steps(arm, split)
+    before = arm_steps(arm, split, task - 1) if task else 0
+    return before + -(-_train_count(arm, split, task) // arm.batch_size) * checkpoint["loop"]["epoch"] + step
+
+
 def _train_count(arm: ArmRecipe, split: Split, task: int) -> int:
     return sum(len(split.tasks[k].train) for k in method_class(arm.method.name).training_tasks(task))
 
@@ -201,6 +210,8 @@ def _run_arm(arm: ArmRecipe, experiment: Experiment, split: Split, tracker: Trac
             arm = recorded_precision(arm, auto_as, only_auto=True)
     else:
         checkpoint = resume_checkpoint(resume_run, arm, folder / CHECKPOINTS, restart)
+        if checkpoint is not None:
+            progress.skip(steps_taken(arm, split, checkpoint))
         recorded = tracker.info(resume_run.run_id).tags
         arm = recorded_precision(arm, recorded)
         run = tracker.reopen(resume_run.run_id)

@@ -62,6 +62,7 @@ def execute(experiment: Experiment, split: Split, tracker: Tracker, parent: Run,
             before = (previous or {}).get((arm.name, arm.engine.seed))
             if before is not None and before.status == "FINISHED":
                 progress.note(f"{before.name}: finished before, kept ({before.run_id})")
+                progress.skip(arm_steps(arm, split))
                 outcomes.append(_outcome_from_run(tracker, before, arm))
                 continue
             resume_run = Run(tracker, before.run_id) if before is not None else None
