@@ -84,17 +84,20 @@ def plan(experiment: Experiment, split: Split) -> str:
 def arm_steps(arm: ArmRecipe, split: Split, last_task: int | None = None) -> int:
     """Optimisation steps one run of the arm takes (up to ``last_task``), for progress and the plan."""
     tasks = range(split.num_tasks if last_task is None else last_task + 1)
-    return sum(-(-_train_count(arm, split, t) // arm.batch_size) * (arm.init_epoch if t == 0 else arm.epoch)
-               for t in tasks)
+    return sum(_epoch_steps(arm, split, t) * (arm.init_epoch if t == 0 else arm.epoch) for t in tasks)
 
 
 def steps_taken(arm: ArmRecipe, split: Split, checkpoint: dict[str, Any]) -> int:
     """Optimisation steps the run had taken when it wrote ``checkpoint``: what a resume does not run again."""
-    task, _, step = progress_key(checkpoint)
-    if task >= split.num_tasks:  # written after its last task, before the run was marked finished
-        return arm_steps(arm, split)
-    before = arm_steps(arm, split, task - 1) if task else 0
-    return before + -(-_train_count(arm, split, task) // arm.batch_size) * checkpoint["loop"]["epoch"] + step
+    loop = checkpoint["loop"]
+    done = arm_steps(arm, split, loop["task"] - 1)  # the tasks before the checkpoint's (none for task 0)
+    if loop["task"] < split.num_tasks:  # a checkpoint after the last task has no task in progress
+        done += _epoch_steps(arm, split, loop["task"]) * loop["epoch"] + loop["step"]
+    return done
+
+
+def _epoch_steps(arm: ArmRecipe, split: Split, task: int) -> int:
+    return -(-_train_count(arm, split, task) // arm.batch_size)
 
 
 def _train_count(arm: ArmRecipe, split: Split, task: int) -> int:
