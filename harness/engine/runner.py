@@ -74,7 +74,7 @@ def plan(experiment: Experiment, split: Split) -> str:
         lines.append(f"  task {t}: classes {split.task_classes(t)} ({len(task.train)} train, {len(task.val)} val, "
                      f"{len(task.test)} test)")
     for arm in experiment.arms:
-        steps = [-(-_train_count(arm, split, t) // arm.batch_size) for t in range(split.num_tasks)]
+        steps = [_epoch_steps(arm, split, t) for t in range(split.num_tasks)]
         epochs = [arm.init_epoch] + [arm.epoch] * (split.num_tasks - 1)
         lines.append(f"arm {arm.name} ({arm.method.name}, {arm.backbone.name}): steps/epoch per task {steps}, "
                      f"epochs per task {epochs}, {arm_steps(arm, split)} steps")
