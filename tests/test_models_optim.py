@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from baselines.pycil_gem import pycil_init
 from harness.data.datasets import cache_dir, load_dataset
 from harness.engine.optim import CosineAnnealingLR, MultiStepLR, StepLR, build_optimizer, build_scheduler
 from harness.models import BACKBONES, build_network, count_parameters
@@ -68,3 +69,24 @@ def test_xavier_uniform_init_is_the_original_gem_mlps() -> None:
         assert float(layer.bias.abs().max()) == 0.0
     default = build_network("mlp", {"hidden": [100, 100]}, (1, 28, 28), 10)
     assert float(default.head.bias.abs().max()) > 0  # PyTorch's default draws biases too
+
+
+def test_he_normal_init_draws_the_convolutions_as_the_pycil_reference() -> None:
+    """With the same seed our ``he_normal`` ResNet-32 has the PyCIL-style reference's convolutions exactly
+    (both redraw them in module order after construction); the head is Kaiming-uniform with gain 1, zero bias."""
+    torch.manual_seed(0)
+    ours = build_network("resnet32", {"init": "he_normal"}, (3, 32, 32), 100)
+    torch.manual_seed(0)
+    reference = build_network("resnet32", {}, (3, 32, 32), 100)
+    pycil_init(reference)
+    pairs = [(a, b) for a, b in zip(ours.modules(), reference.modules(), strict=True) if isinstance(a, torch.nn.Conv2d)]
+    assert len(pairs) == 31  # the stem and two per block: option-A shortcuts have no convolution
+    assert all(torch.equal(a.weight, b.weight) for a, b in pairs)
+    weights = torch.cat([a.weight.flatten() for a, _ in pairs[1:]])  # every 3x3 conv but the stem's
+    torch.manual_seed(0)
+    default = build_network("resnet32", {}, (3, 32, 32), 100)
+    default_weights = torch.cat([m.weight.flatten() for m in default.modules() if isinstance(m, torch.nn.Conv2d)][1:])
+    assert float(weights.std()) > 2 * float(default_weights.std())  # He-normal is ~2.4x PyTorch's default scale
+    bound = (3 / ours.head.in_features) ** 0.5
+    assert 0.9 * bound < float(ours.head.weight.abs().max()) <= bound
+    assert float(ours.head.bias.abs().max()) == 0.0

@@ -17,6 +17,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.config.experiment import parse_experiment
@@ -153,7 +154,16 @@ def test_resume_refuses_a_changed_experiment_file_unless_forced(tmp_path: Path, 
     _expect_exit_2(["--resume", parent.info.run_id, "--tracking-uri", uri], capsys, "changed since run",
                    "arms.a.epoch", "arms.a.optimizer.kwargs.lr", "--force")
     assert main(["--resume", parent.info.run_id, "--tracking-uri", uri, "--force", "--quiet"]) == 0
-    capsys.readouterr()
+    assert "--force: arm runs that begin now follow the changed keys (arms.a.epoch" in capsys.readouterr().out
+    # the parent records what the force let through: the keys, and the file as it was before
+    client = MlflowClient(uri)
+    (change,) = json.loads(client.get_run(parent.info.run_id).data.tags["forced_changes"])
+    assert {"arms.a.epoch", "arms.a.optimizer.kwargs.lr"} <= set(change["keys"])
+    before = yaml.safe_load(Path(client.download_artifacts(
+        parent.info.run_id, f"forced/{change['at']}/experiment_resolved.yaml", str(tmp_path / "before"))).read_text())
+    now = yaml.safe_load(Path(client.download_artifacts(
+        parent.info.run_id, "experiment_resolved.yaml", str(tmp_path / "now"))).read_text())
+    assert (before["arms"][0]["epoch"], now["arms"][0]["epoch"]) == (1, 2)
     _expect_exit_2(["--resume", parent.info.run_id, "--tracking-uri", uri], capsys, "already finished")
     _expect_exit_2(["--resume", "0123456789abcdef", "--tracking-uri", uri], capsys, "no run")
 

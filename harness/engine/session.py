@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -151,15 +152,36 @@ def start(args: argparse.Namespace) -> int:
                        "seeds": experiment.seeds})
     # A metric from the start: a committed parent with an empty metrics/ folder would be lost by git.
     parent.log_metrics({"planned_runs": len(experiment.seeded_arms())})
-    with tempfile.TemporaryDirectory() as tmp:  # what --resume compares the experiment file against
-        resolved = Path(tmp) / RESOLVED
-        resolved.write_text(yaml.safe_dump(experiment.raw, sort_keys=False))
-        parent.log_artifact(resolved)
+    log_resolved(parent, yaml.safe_dump(experiment.raw, sort_keys=False))
     progress = Progress(total_steps(experiment, split), enabled=not args.quiet)
     execute(experiment, split, tracker, parent, progress)
     if isinstance(tracker, MlflowTracker):
         print(f"view the runs: {ui_link(tracker)}")
     return 0
+
+
+def log_resolved(parent: Run, text: str, folder: str | None = None) -> None:
+    """The resolved experiment file as the parent's ``RESOLVED`` artifact (in ``folder``, else at the top,
+    where it is what ``--resume`` compares the experiment file against)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        resolved = Path(tmp) / RESOLVED
+        resolved.write_text(text)
+        parent.log_artifact(resolved, folder)
+
+
+def record_forced_change(parent: Run, tags: dict[str, str], recorded: str, experiment: Experiment,
+                         keys: list[str]) -> None:
+    """``--resume --force`` over a changed experiment file: the arm runs that begin from now on follow the
+    file as it is, so the parent records the change. The file as it was moves to ``forced/<UTC time>/``,
+    the ``forced_changes`` tag lists each forced resume's time and changed keys, and the file as it is now
+    becomes what later resumes compare against (so they need no ``--force`` for the same change)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    log_resolved(parent, recorded, f"forced/{stamp}")
+    log_resolved(parent, yaml.safe_dump(experiment.raw, sort_keys=False))
+    earlier = json.loads(tags.get("forced_changes", "[]"))
+    parent.set_tags({"forced_changes": json.dumps([*earlier, {"at": stamp, "keys": keys[:40]}])})
+    print(f"--force: arm runs that begin now follow the changed keys ({', '.join(keys[:12])}); "
+          f"the parent keeps the file as it was under forced/{stamp}/", flush=True)
 
 
 def ui_link(tracker: MlflowTracker) -> str:
@@ -230,6 +252,7 @@ def resume(args: argparse.Namespace) -> int:
     experiment = only_arms(load_experiment(experiment_file(info.tags), json.loads(info.tags.get("overrides", "[]")),
                                            info.tags.get("variant") or None), info.tags.get("arms"))
     recorded = tracker.read_artifact(args.resume, RESOLVED)
+    diff = []
     if recorded is not None:
         diff = changed_keys(yaml.safe_load(recorded), yaml.safe_load(yaml.safe_dump(experiment.raw)))
         if diff and not args.force:
@@ -241,6 +264,8 @@ def resume(args: argparse.Namespace) -> int:
                         f"{info.tags['split_hash']}); pass --force to continue anyway")
     parent = tracker.reopen(args.resume)
     print(f"resuming parent run {parent.run_id} ({tracker.description})", flush=True)
+    if diff:
+        record_forced_change(parent, info.tags, recorded, experiment, diff)
     previous = {}
     for child in sorted(tracker.children(args.resume), key=lambda c: c.status == "FINISHED"):
         previous[run_key(child)] = child  # a FINISHED run of an arm and seed wins over an interrupted one

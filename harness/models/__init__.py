@@ -53,7 +53,7 @@ def convolutional(name: str) -> bool:
 LIBCONTINUAL_BACKBONE_KEYS = ("num_classes", "args")
 # Keys of a backbone block that concern the whole network (backbone and head), not the backbone builder.
 NETWORK_KEYS = ("init",)
-INITS = ("default", "xavier_uniform")
+INITS = ("default", "xavier_uniform", "he_normal")
 
 
 class Network(nn.Module):
@@ -91,14 +91,24 @@ def build_network(name: str, kwargs: dict[str, Any], image_shape: tuple[int, int
 
 def initialize(net: nn.Module, scheme: str) -> None:
     """``default``: PyTorch's own layer initialisation. ``xavier_uniform``: Xavier-uniform weights and zero
-    biases for every linear and convolutional layer, head included, as the original GEM code's MLP."""
+    biases for every linear and convolutional layer, head included, as the original GEM code's MLP.
+    ``he_normal``: He-normal convolutions (fan_out, ReLU gain) and Kaiming-uniform linear layers with gain 1
+    and zero biases, as PyCIL's CIFAR ResNet-32 and its linear head (and LibContinual's CIFAR ResNets) draw
+    them. BatchNorm stays at PyTorch's weight 1, bias 0 in every scheme."""
     if scheme == "default":
         return
     for module in net.modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            continue
+        if scheme == "xavier_uniform":
             nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # fan_out keeps the backward pass's gradient variance at 1 through each ReLU layer (He et al. 2015)
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        else:
+            nn.init.kaiming_uniform_(module.weight, nonlinearity="linear")
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def count_parameters(module: nn.Module) -> int:
