@@ -19,7 +19,7 @@ import torch
 from harness.engine.precision import native_bf16
 from harness.tracking import make_tracker
 from harness.tune.study import run_study, storage_of
-from tests.conftest import ROOT, digits_arm, digits_experiment, write_yaml
+from tests.conftest import ROOT, digits_arm, digits_experiment, expect_exit_2, write_yaml
 
 SEARCH = {"arm": "gem", "objective": "cil_acc", "n_trials": 3, "val_fraction": 0.2,
           "sampler": {"name": "TPE", "seed": 0}, "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
@@ -118,6 +118,34 @@ def test_bad_search_block_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main([str(path), "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--tracking-uri", "none"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "search.space.lr" in err and "below high" in err
+
+
+def test_a_study_holds_its_recipe_and_precision_and_a_changed_file_needs_force(
+        tmp_path: Path, mlflow_uri: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A study that spans sessions trains one recipe in one precision: a changed experiment file stops the
+    next call with the changed key (exit 2, one line); --force goes on and the study records the change."""
+    from harness.tune.__main__ import main
+
+    path = tune_file(tmp_path)
+    storage = f"journal:{tmp_path / 'optuna.journal'}"
+    args = [str(path), "--storage", storage, "--study", "held", "--tracking-uri", mlflow_uri, "--n-trials", "1",
+            "--no-rerun", "--quiet"]
+    assert main(args) == 0
+    study = optuna.load_study(study_name="held", storage=storage_of(storage))
+    assert study.user_attrs["recipe"]["arms"][0]["epoch"] == 2 and "n_trials" not in study.user_attrs["recipe"]["search"]
+    assert study.user_attrs["auto_precision"]["precision"] == ("bf16-autocast" if native_bf16(torch.device("cpu"))
+                                                               else "fp32")
+    assert main([*args, "search.n_trials=9"]) == 0  # more trials is the same study
+    capsys.readouterr()
+    expect_exit_2(main, [*args, "arms.gem.epoch=1"], capsys, "study held", "arms.gem.epoch", "--force")
+    assert main([*args, "arms.gem.epoch=1", "--force"]) == 0
+    study = optuna.load_study(study_name="held", storage=storage_of(storage))
+    (change,) = study.user_attrs["forced_changes"]
+    assert change["keys"] == ["arms.gem.epoch"] and change["before"]["arms"][0]["epoch"] == 2
+    assert study.user_attrs["recipe"]["arms"][0]["epoch"] == 1
+    assert main([*args, "arms.gem.epoch=1"]) == 0  # the new recipe is the study's now
+    assert len(study.trials) == 3 + 1
+    assert set(trial_runs(mlflow_uri)["tags.precision"]) == {study.user_attrs["auto_precision"]["precision"]}
 
 
 def test_a_journal_study_beside_the_record_resumes_by_name_with_hyperband(tmp_path: Path, mlflow_uri: str) -> None:

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a RUNNING trial of another host with no heartbeat (one per epoch) for this long is "
                              "taken for interrupted and continued (default: %(default)s; on this host a trial whose "
                              "process is gone is continued at once)")
+    parser.add_argument("--force", action="store_true", help="go on although the experiment file or overrides "
+                        "changed the recipe the study's trials trained (the study records the change)")
     parser.add_argument("--no-continue", action="store_true", help=argparse.SUPPRESS)  # workers: the parent queued them
     parser.add_argument("--workers", type=int, default=1, help="worker processes sharing the study (one per GPU via "
                         "CUDA_VISIBLE_DEVICES when there are GPUs); the trials are split between them")
@@ -54,14 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         n_trials = args.n_trials
         if args.workers > 1:
             remaining = prepare_study(args.experiment, args.overrides, tracker, storage=args.storage,
-                                      study_name=args.study, variant=args.variant, stale_after=args.stale_after)
+                                      study_name=args.study, variant=args.variant, stale_after=args.stale_after,
+                                      force=args.force)
             run_workers(args, args.n_trials if args.n_trials is not None else remaining)
             n_trials = 0  # the workers ran them; this process only writes the study's summary and re-runs the best
         outcome = run_study(args.experiment, args.overrides, tracker, storage=args.storage, study_name=args.study,
                             n_trials=n_trials, timeout=args.timeout, variant=args.variant,
                             rerun_best=not args.no_rerun, progress=not args.quiet,
                             continue_interrupted=not args.no_continue and args.workers == 1,
-                            stale_after=args.stale_after)
+                            stale_after=args.stale_after, force=args.force)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

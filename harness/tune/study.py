@@ -31,7 +31,16 @@ import pandas as pd
 
 from harness.config.experiment import Experiment, load_experiment
 from harness.engine.progress import Progress
-from harness.engine.runner import arm_steps, build_split, git_commit, recorded_precision, resume_checkpoint, split_params
+from harness.engine.runner import (
+    arm_steps,
+    auto_precision,
+    build_split,
+    git_commit,
+    recorded_precision,
+    resume_checkpoint,
+    split_params,
+)
+from harness.engine.session import changed_keys
 from harness.engine.trainer import CHECKPOINTS, ArmTrainer, resolve_device
 from harness.errors import Interrupted, UserError
 from harness.tracking import Run, Tracker
@@ -50,6 +59,8 @@ from harness.tune.resume import (
 from harness.tune.space import TASK0_OBJECTIVES, Dimension, SearchOptions, parse_search
 
 PARENT_ATTR = "mlflow_parent_run_id"
+RECIPE_ATTR = "recipe"  # the resolved experiment every trial of the study trains, less search.n_trials
+AUTO_ATTR = "auto_precision"  # how engine ``auto`` resolved where the study started
 FINISHED_STATES = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 
 
@@ -131,6 +142,7 @@ class Tuner:
                  show_progress: bool = False) -> None:
         self.path, self.overrides, self.variant, self.tracker = path, overrides, variant, tracker
         self.show_progress = show_progress
+        self.auto_as: dict[str, str] | None = None  # set from the study (``hold_recipe``)
         base = load_experiment(path, overrides, variant)
         self.options, self.dims = parse_search(base.search, [a.name for a in base.arms], path)
         self.base = base
@@ -174,6 +186,8 @@ class Tuner:
         checkpoint = resume_checkpoint(run, arm, folder, restart=True) if resume else None
         if checkpoint is not None:  # computes on as it started, whatever ``auto`` picks on this machine
             arm = recorded_precision(arm, run.tracker.info(run.run_id).tags)
+        elif self.auto_as is not None:  # and a fresh trial as the study started: one precision per study
+            arm = recorded_precision(arm, self.auto_as, only_auto=True)
 
         def report(trainer: ArmTrainer, task: int, epoch: int) -> None:
             if trial is None:
@@ -263,12 +277,47 @@ def _parent_run(tracker: Tracker, study: optuna.Study, tuner: Tuner, storage: st
     return parent
 
 
+def recipe_of(experiment: Experiment) -> dict[str, Any]:
+    """What a study's trials must share to be compared: the resolved experiment, less ``search.n_trials``
+    (a study may be given more trials in a later session)."""
+    recipe = json.loads(json.dumps(experiment.raw, default=str))
+    recipe.get("search", {}).pop("n_trials", None)
+    return recipe
+
+
+def hold_recipe(study: optuna.Study, tuner: Tuner, force: bool) -> None:
+    """A study that spans sessions compares trials only if every trial trains the same recipe the same way.
+    Its first call records the recipe and how ``auto`` precision resolved on its machine (study attributes,
+    beside the trials in the storage); every trial computes in that precision on any machine. A later call
+    whose experiment file or overrides changed the recipe stops naming the keys, unless ``force``: then the
+    ``forced_changes`` attribute records the time, the keys and the recipe as it was, and the new recipe is
+    held from then on."""
+    recipe, held = recipe_of(tuner.base), study.user_attrs.get(RECIPE_ATTR)
+    keys = changed_keys(held, recipe) if held is not None else []
+    if keys and not force:
+        raise UserError(f"study {study.study_name}: its trials trained another recipe (keys: {', '.join(keys[:12])}); "
+                        "pass --force to go on with the file as it is, or --study NAME for a new study")
+    if keys:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        earlier = study.user_attrs.get("forced_changes", [])
+        study.set_user_attr("forced_changes", [*earlier, {"at": stamp, "keys": keys[:40], "before": held}])
+        print(f"--force: study {study.study_name}'s trials from now on follow the changed keys ({', '.join(keys[:12])})",
+              file=sys.stderr, flush=True)
+    if held is None or keys:
+        study.set_user_attr(RECIPE_ATTR, recipe)
+    if AUTO_ATTR not in study.user_attrs:
+        study.set_user_attr(AUTO_ATTR, auto_precision(tuner.base.arm(tuner.options.arm).engine.device))
+    tuner.auto_as = study.user_attrs[AUTO_ATTR]
+
+
 def prepare_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str, study_name: str | None,
-                  variant: str | None, stale_after: float = STALE_AFTER) -> int:
-    """Create the study and its MLflow parent run once, and queue the continuations of interrupted trials,
-    before worker processes share them. Returns the trials still to run for ``search.n_trials``."""
+                  variant: str | None, stale_after: float = STALE_AFTER, force: bool = False) -> int:
+    """Create the study and its MLflow parent run once, hold its recipe (``hold_recipe``), and queue the
+    continuations of interrupted trials, before worker processes share them. Returns the trials still to
+    run for ``search.n_trials``."""
     tuner = Tuner(path, overrides, variant, tracker)
     study = open_study(study_name or tuner.study_name, storage, tuner.options)
+    hold_recipe(study, tuner, force)
     _parent_run(tracker, study, tuner, storage)
     fail_abandoned(study, stale_after)
     enqueue_continuations(study)
@@ -370,17 +419,19 @@ def best_on_test(tuner: Tuner, tracker: Tracker, parent: Run, best: optuna.trial
 def run_study(path: str, overrides: list[str], tracker: Tracker, *, storage: str, study_name: str | None = None,
               n_trials: int | None = None, timeout: float | None = None, variant: str | None = None,
               enqueue: list[dict[str, Any]] | None = None, rerun_best: bool = True, progress: bool = False,
-              continue_interrupted: bool = True, stale_after: float = STALE_AFTER) -> StudyOutcome:
+              continue_interrupted: bool = True, stale_after: float = STALE_AFTER, force: bool = False) -> StudyOutcome:
     """Run (or continue) the study; several processes with the same storage and name share it. ``n_trials``:
     trials this call runs (default: as many as the study lacks of ``search.n_trials`` finished, i.e.
     complete or pruned, trials). ``continue_interrupted``: first queue a continuation of every interrupted
     trial (worker processes leave that to the process that started them). ``progress``: a step bar for the
-    running trial and one line per finished trial on stderr."""
+    running trial and one line per finished trial on stderr. ``force``: go on after the experiment changed
+    the study's recipe (``hold_recipe``)."""
     started = time.monotonic()
     tuner = Tuner(path, overrides, variant, tracker, show_progress=progress)
     options = tuner.options
     name = study_name or tuner.study_name
     study = open_study(name, storage, options)
+    hold_recipe(study, tuner, force)
     parent = _parent_run(tracker, study, tuner, storage)
     parent.set_tags({"n_trials": options.n_trials, "state": "RUNNING"})  # what the record's progress line counts to
     if continue_interrupted:
