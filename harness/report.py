@@ -40,7 +40,8 @@ ABLATION = {"pycil_recipe": "PyCIL's task-0 recipe (200 epochs, m 0.9, wd 5e-4, 
 # ... and the 80-epoch seed recipe with one factor changed towards PyCIL's (80 epochs per arm, not 200).
 ABLATION_FROM_SEED = {"seed_momentum_0.9": "seed recipe, momentum 0.9", "seed_wd_5e-4": "seed recipe, weight decay 5e-4",
                       "seed_multistep": "seed recipe, MultiStepLR [24,48,68] (PyCIL's shape in 80 epochs)",
-                      "seed_no_warmup": "seed recipe, no warmup", "seed_brightness": "seed recipe, brightness jitter"}
+                      "seed_no_warmup": "seed recipe, no warmup", "seed_brightness": "seed recipe, brightness jitter",
+                      "seed_he_normal": "seed recipe, He-normal initialisation (PyCIL's and LibContinual's)"}
 
 
 @dataclass(frozen=True)

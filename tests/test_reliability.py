@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.config.experiment import parse_experiment
 from harness.engine.runner import build_split
+from harness.engine.session import changed_keys
 from harness.engine.trainer import ArmTrainer, load_checkpoint, save_checkpoint
 from harness.errors import UserError
 from harness.run import main
@@ -166,6 +167,17 @@ def test_resume_refuses_a_changed_experiment_file_unless_forced(tmp_path: Path, 
     assert (before["arms"][0]["epoch"], now["arms"][0]["epoch"]) == (1, 2)
     _expect_exit_2(["--resume", parent.info.run_id, "--tracking-uri", uri], capsys, "already finished")
     _expect_exit_2(["--resume", "0123456789abcdef", "--tracking-uri", uri], capsys, "no run")
+
+
+def test_changed_keys_count_only_the_arms_a_parent_trains() -> None:
+    """Arms are addressed by name, dots in names included; an arm added to the file of an experiment started
+    with --arms changes none of its runs."""
+    before = {"split": {"seed": 1}, "arms": [{"name": "a", "epoch": 1}, {"name": "m_0.9", "epoch": 2}]}
+    after = {"split": {"seed": 2},
+             "arms": [{"name": "a", "epoch": 1}, {"name": "m_0.9", "epoch": 3}, {"name": "m_0.95", "epoch": 1}]}
+    assert changed_keys(before, after) == ["arms.m_0.9.epoch", "arms.m_0.95.epoch", "arms.m_0.95.name", "split.seed"]
+    assert changed_keys(before, after, ["a"]) == ["split.seed"]
+    assert changed_keys(before, after, ["m_0.9"]) == ["arms.m_0.9.epoch", "split.seed"]
 
 
 def test_checkpoints_load_weights_only_and_a_malicious_file_is_never_executed(tmp_path: Path) -> None:

@@ -208,9 +208,13 @@ def leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out or {prefix: tree}
 
 
-def changed_keys(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def changed_keys(before: dict[str, Any], after: dict[str, Any], arms: list[str] | None = None) -> list[str]:
+    """The dotted keys whose values differ. ``arms``: count only these arms' keys among ``arms.*`` (an
+    experiment started with ``--arms`` trains no other, so an arm added to its file changes none of its runs)."""
     a, b = leaves(before), leaves(after)
-    return sorted(k.rstrip(".") for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    keys = (k.rstrip(".") for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return sorted(k for k in keys if not arms or not k.startswith("arms.")
+                  or any(f"{k}.".startswith(f"arms.{arm}.") for arm in arms))
 
 
 def experiment_file(tags: dict[str, str]) -> Path:
@@ -254,7 +258,8 @@ def resume(args: argparse.Namespace) -> int:
     recorded = tracker.read_artifact(args.resume, RESOLVED)
     diff = []
     if recorded is not None:
-        diff = changed_keys(yaml.safe_load(recorded), yaml.safe_load(yaml.safe_dump(experiment.raw)))
+        diff = changed_keys(yaml.safe_load(recorded), yaml.safe_load(yaml.safe_dump(experiment.raw)),
+                            [arm.name for arm in experiment.arms] if info.tags.get("arms") else None)
         if diff and not args.force:
             raise UserError(f"{info.tags['experiment_file']} changed since run {args.resume} started "
                             f"(keys: {', '.join(diff[:12])}); pass --force to continue anyway")
