@@ -169,17 +169,25 @@ def log_resolved(parent: Run, text: str, folder: str | None = None) -> None:
         parent.log_artifact(resolved, folder)
 
 
+def with_forced_change(earlier: list[dict[str, Any]], keys: list[str],
+                       **extra: Any) -> tuple[str, list[dict[str, Any]]]:
+    """A ``forced_changes`` record (a parent run's tag, a study's attribute) after one more ``--force``: the
+    UTC time it was let through, which is also its name, and the changed keys (at most 40, to keep the
+    record small), plus whatever the caller keeps beside them."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return stamp, [*earlier, {"at": stamp, "keys": keys[:40], **extra}]
+
+
 def record_forced_change(parent: Run, tags: dict[str, str], recorded: str, experiment: Experiment,
                          keys: list[str]) -> None:
     """``--resume --force`` over a changed experiment file: the arm runs that begin from now on follow the
     file as it is, so the parent records the change. The file as it was moves to ``forced/<UTC time>/``,
     the ``forced_changes`` tag lists each forced resume's time and changed keys, and the file as it is now
     becomes what later resumes compare against (so they need no ``--force`` for the same change)."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp, changes = with_forced_change(json.loads(tags.get("forced_changes", "[]")), keys)
     log_resolved(parent, recorded, f"forced/{stamp}")
     log_resolved(parent, yaml.safe_dump(experiment.raw, sort_keys=False))
-    earlier = json.loads(tags.get("forced_changes", "[]"))
-    parent.set_tags({"forced_changes": json.dumps([*earlier, {"at": stamp, "keys": keys[:40]}])})
+    parent.set_tags({"forced_changes": json.dumps(changes)})
     print(f"--force: arm runs that begin now follow the changed keys ({', '.join(keys[:12])}); "
           f"the parent keeps the file as it was under forced/{stamp}/", flush=True)
 

@@ -40,7 +40,7 @@ from harness.engine.runner import (
     resume_checkpoint,
     split_params,
 )
-from harness.engine.session import changed_keys
+from harness.engine.session import changed_keys, with_forced_change
 from harness.engine.trainer import CHECKPOINTS, ArmTrainer, resolve_device
 from harness.errors import Interrupted, UserError
 from harness.tracking import Run, Tracker
@@ -298,9 +298,8 @@ def hold_recipe(study: optuna.Study, tuner: Tuner, force: bool) -> None:
         raise UserError(f"study {study.study_name}: its trials trained another recipe (keys: {', '.join(keys[:12])}); "
                         "pass --force to go on with the file as it is, or --study NAME for a new study")
     if keys:
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        earlier = study.user_attrs.get("forced_changes", [])
-        study.set_user_attr("forced_changes", [*earlier, {"at": stamp, "keys": keys[:40], "before": held}])
+        _, changes = with_forced_change(study.user_attrs.get("forced_changes", []), keys, before=held)
+        study.set_user_attr("forced_changes", changes)
         print(f"--force: study {study.study_name}'s trials from now on follow the changed keys ({', '.join(keys[:12])})",
               file=sys.stderr, flush=True)
     if held is None or keys:
