@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,8 +122,8 @@ PROGRESS_HEADER = ["| experiment | arm | seed | run | trained so far | device; p
                    "|---|---|---|---|---|---|---|"]
 RUNS_HEADER = ["| experiment | arm | published / target | measured: mean ± std over seeds | wall s (mean) | "
                "device; precision; size | seeds | commits | runs |", "|---|---|---|---|---|---|---|---|---|"]
-COMPARE_HEADER = ["| experiment | comparison | metric | difference of means | 95% interval (Welch t) | target | runs |",
-                  "|---|---|---|---|---|---|---|"]
+COMPARE_HEADER = ["| experiment | comparison | metric | difference of means | 95% interval (Welch t) | "
+                  "a − b per shared seed; 95% paired t interval | target | runs |", "|---|---|---|---|---|---|---|---|"]
 SEARCH_HEADER = ["| study | best validation | best recipe on test | best parameters | trials | wall s | commit |",
                  "|---|---|---|---|---|---|---|"]
 INTRO = ["# Reproduction record", "",
@@ -176,14 +176,40 @@ def mean_std(values: np.ndarray, digits: int = 3) -> str:
     return f"{_fmt(float(values.mean()), digits)} ± {_fmt(float(values.std(ddof=1)), digits)}"
 
 
+def _t_interval(test: Callable, a: np.ndarray, b: np.ndarray, level: float, **kwargs: object) -> tuple[float, float]:
+    with warnings.catch_warnings():  # values without spread make scipy warn about precision loss
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = test(a, b, **kwargs).confidence_interval(level)
+    return float(ci.low), float(ci.high)
+
+
 def welch_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
     """The ``level`` confidence interval of mean(a) - mean(b) from Welch's t test (None below 2 per side)."""
     if len(a) < 2 or len(b) < 2:
         return None
-    with warnings.catch_warnings():  # identical values (std 0) make scipy warn about precision loss
-        warnings.simplefilter("ignore", RuntimeWarning)
-        ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
-    return float(ci.low), float(ci.high)
+    return _t_interval(stats.ttest_ind, a, b, level, equal_var=False)
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
+    """The ``level`` confidence interval of the mean of a[i] - b[i] from the paired t test (None below 2 pairs).
+
+    Equal differences give the interval [d, d]: no spread between the pairs."""
+    if len(a) < 2:
+        return None
+    return _t_interval(stats.ttest_rel, a, b, level)
+
+
+def _seed(run: RunInfo) -> str:
+    return run.tags.get("seed", run.params.get("engine.seed", "?"))
+
+
+def shared_seeds(a: Row, b: Row, metric: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The engine seeds both rows ran, and each row's ``metric`` for them in that order. One seed gives two
+    arms the same initial weights and batch order wherever their recipes agree, so these pair."""
+    values_a = {_seed(r): r.metrics[metric] for r in a.runs if metric in r.metrics}
+    values_b = {_seed(r): r.metrics[metric] for r in b.runs if metric in r.metrics}
+    seeds = [s for s in values_a if s in values_b]
+    return seeds, np.array([values_a[s] for s in seeds]), np.array([values_b[s] for s in seeds])
 
 
 def recipe_key(info: RunInfo) -> str:
@@ -230,7 +256,7 @@ def _cell(text: str) -> str:
 
 
 def run_line(row: Row) -> str:
-    seeds = ", ".join(r.tags.get("seed", r.params.get("engine.seed", "?")) for r in row.runs)
+    seeds = ", ".join(_seed(r) for r in row.runs)
     commits = ", ".join(dict.fromkeys(r.tags.get("git_commit", "?") for r in row.runs))
     wall = row.values("wall_seconds")
     cells = [row.target.experiment, row.target.arm, row.target.published, f"{_measured(row)} (n={len(row.runs)})",
@@ -249,9 +275,20 @@ def comparison_line(comparison: Comparison, a: Row, b: Row) -> str:
     else:
         shown = f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
     name = f"{a.target.arm} ({a.precision}) − {b.target.arm} ({b.precision})"
-    cells = [comparison.experiment, name, comparison.metric, f"{diff:+.3f}", shown, comparison.target,
-             f"{a.run_ids} vs {b.run_ids}"]
+    cells = [comparison.experiment, name, comparison.metric, f"{diff:+.3f}", shown,
+             paired_cell(*shared_seeds(a, b, comparison.metric)), comparison.target, f"{a.run_ids} vs {b.run_ids}"]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
+
+
+def paired_cell(seeds: list[str], a: np.ndarray, b: np.ndarray) -> str:
+    """Each shared seed's a − b, then the paired interval of their mean."""
+    if not seeds:
+        return "no shared seed"
+    each = ", ".join(f"{seed}: {d:+.3f}" for seed, d in zip(seeds, a - b, strict=True))
+    interval = paired_interval(a, b)
+    if interval is None:
+        return f"{each}; n/a (one shared seed; needs ≥ 2)"
+    return f"{each}; [{interval[0]:+.3f}, {interval[1]:+.3f}]"
 
 
 def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo], list[str], set[str]]:
@@ -487,8 +524,11 @@ def build_report(tracker: MlflowTracker, existing: str, figures_dir: str = "repr
              "BWT and FWT are in the runs table and the figures below.", "",
              *paper, "", RUNS, "", *RUNS_HEADER, *_order(merged), "", COMPARE, "",
              "Difference of the means of two rows with its 95% Welch t interval (scipy.stats.ttest_ind,",
-             "equal_var=False). The interval needs at least two seeds on each side.", "",
-             *COMPARE_HEADER, *(sorted(dict.fromkeys(compare)) or ["| - | no comparable rows yet | | | | | |"]), "",
+             "equal_var=False), which needs at least two seeds on each side. Then the difference for each engine",
+             "seed both rows ran, and the 95% paired t interval of its mean (scipy.stats.ttest_rel), which needs",
+             "two shared seeds: one seed gives both arms the same initial weights and batch order wherever their",
+             "recipes agree, so the seed's own spread drops out of the paired difference.", "",
+             *COMPARE_HEADER, *(sorted(dict.fromkeys(compare)) or ["| - | no comparable rows yet | | | | | | |"]), "",
              SEARCHES, "", *SEARCH_HEADER, *searches, "", IN_PROGRESS, "",
              "Arm runs whose experiment has not finished, with the epochs they have trained so far, and studies",
              "that have not finished, with their finished trials (not results: their rows above say \"not run\" until",

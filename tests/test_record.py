@@ -17,7 +17,7 @@ import yaml
 from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
-from harness.report import recipe_key, welch_interval
+from harness.report import COMPARISONS, TARGETS, Row, comparison_line, paired_interval, recipe_key, welch_interval
 from harness.run import main
 from harness.tracking import MlflowTracker, RunInfo
 from tests.conftest import ROOT, digits_arm, digits_experiment, expect_exit_2, mlflow_server, rest, write_yaml
@@ -109,6 +109,29 @@ def test_welch_interval_needs_two_seeds_a_side() -> None:
     assert welch_interval([0.70, 0.72], [0.80]) is None
     low, high = welch_interval([0.70, 0.72, 0.71], [0.80, 0.82, 0.79])
     assert low < -0.08 < high < 0
+
+
+def test_arms_that_share_seeds_are_compared_seed_by_seed_with_a_paired_interval() -> None:
+    def row(arm: str, acc: dict[str, float]) -> Row:
+        target = next(t for t in TARGETS if (t.experiment, t.arm) == ("gem_vs_pycil", arm))
+        runs = [RunInfo(f"{arm}{seed}".ljust(32, "0"), f"{arm} seed={seed}", "FINISHED", "e",
+                        {"device": "cpu", "precision": "fp32", "seed": seed}, {"engine.seed": seed},
+                        {"task0_acc": value}) for seed, value in acc.items()]
+        return Row(target, runs[0], runs)
+
+    comparison = COMPARISONS[0]
+    assert (comparison.experiment, comparison.a[0], comparison.b[0]) == ("gem_vs_pycil", "gem", "pycil_gem")
+    reference = row("pycil_gem", {"1993": 0.814, "1994": 0.784})
+    # the same network trained the same way: every seed's difference is 0, so the paired interval is [0, 0]
+    # while Welch's, blind to the pairing, spans the seeds' 3-point spread (t(0.975, df 2) 4.303 x se 0.0212)
+    cells = comparison_line(comparison, row("gem", {"1994": 0.784, "1993": 0.814}), reference).split(" | ")
+    assert cells[3:6] == ["+0.000", "[-0.091, +0.091]", "1994: +0.000, 1993: +0.000; [+0.000, +0.000]"]
+    cells = comparison_line(comparison, row("gem", {"1993": 0.804}), reference).split(" | ")
+    assert cells[4:6] == ["n/a (n = 1 and 2; needs ≥ 2 each)", "1993: -0.010; n/a (one shared seed; needs ≥ 2)"]
+    assert comparison_line(comparison, row("gem", {"7": 0.8}), reference).split(" | ")[5] == "no shared seed"
+    # a difference that moves with the seed: the interval of its mean covers both pairs' differences
+    low, high = paired_interval([0.7865, 0.764], [0.734, 0.7585])
+    assert low < 0.0055 < 0.0525 < high and (low + high) / 2 == pytest.approx(0.029)
 
 
 def test_a_key_added_later_with_a_null_default_keeps_older_runs_in_their_row() -> None:
