@@ -145,6 +145,10 @@ class Row:
     def values(self, metric: str) -> np.ndarray:
         return np.array([r.metrics[metric] for r in self.runs if metric in r.metrics], dtype=float)
 
+    def by_seed(self, metric: str) -> dict[str, float]:
+        """``metric`` of each run that logged it, keyed by the run's engine seed."""
+        return {_seed(r): r.metrics[metric] for r in self.runs if metric in r.metrics}
+
     @property
     def precision(self) -> str:
         """How the row's runs computed: ``fp32`` or ``bf16-autocast``, with ``, compiled`` for a compiled
@@ -206,8 +210,7 @@ def _seed(run: RunInfo) -> str:
 def shared_seeds(a: Row, b: Row, metric: str) -> tuple[list[str], np.ndarray, np.ndarray]:
     """The engine seeds both rows ran, and each row's ``metric`` for them in that order. One seed gives two
     arms the same initial weights and batch order wherever their recipes agree, so these pair."""
-    values_a = {_seed(r): r.metrics[metric] for r in a.runs if metric in r.metrics}
-    values_b = {_seed(r): r.metrics[metric] for r in b.runs if metric in r.metrics}
+    values_a, values_b = a.by_seed(metric), b.by_seed(metric)
     seeds = [s for s in values_a if s in values_b]
     return seeds, np.array([values_a[s] for s in seeds]), np.array([values_b[s] for s in seeds])
 
@@ -264,6 +267,10 @@ def run_line(row: Row) -> str:
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
 
+def _bracket(interval: tuple[float, float]) -> str:
+    return f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
+
+
 def comparison_line(comparison: Comparison, a: Row, b: Row) -> str:
     va, vb = a.values(comparison.metric), b.values(comparison.metric)
     diff = float(va.mean() - vb.mean())
@@ -273,7 +280,7 @@ def comparison_line(comparison: Comparison, a: Row, b: Row) -> str:
     elif not all(map(math.isfinite, interval)):
         shown = "n/a (no spread on either side)"
     else:
-        shown = f"[{interval[0]:+.3f}, {interval[1]:+.3f}]"
+        shown = _bracket(interval)
     name = f"{a.target.arm} ({a.precision}) − {b.target.arm} ({b.precision})"
     cells = [comparison.experiment, name, comparison.metric, f"{diff:+.3f}", shown,
              paired_cell(*shared_seeds(a, b, comparison.metric)), comparison.target, f"{a.run_ids} vs {b.run_ids}"]
@@ -288,7 +295,7 @@ def paired_cell(seeds: list[str], a: np.ndarray, b: np.ndarray) -> str:
     interval = paired_interval(a, b)
     if interval is None:
         return f"{each}; n/a (one shared seed; needs ≥ 2)"
-    return f"{each}; [{interval[0]:+.3f}, {interval[1]:+.3f}]"
+    return f"{each}; {_bracket(interval)}"
 
 
 def collect_rows(tracker: MlflowTracker) -> tuple[list[Row], dict[str, RunInfo], list[str], set[str]]:
